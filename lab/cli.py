@@ -1,0 +1,26 @@
+"""Shared plumbing of the entry points: user errors become one message and exit code 2."""
+from __future__ import annotations
+
+import functools
+import sys
+
+from lab.errors import LabError
+from lab.runs import unwrap_instantiation
+from tasks.retrieval import TaskConfigError
+
+
+def user_errors_exit(fn):
+    """Run ``fn``; on a user error print ``error: <message>`` to stderr and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            cause = unwrap_instantiation(error)
+            if isinstance(cause, (LabError, TaskConfigError)):
+                print(f"error: {cause}", file=sys.stderr)
+                sys.exit(2)
+            raise
+
+    return wrapper

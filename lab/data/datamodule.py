@@ -1,0 +1,73 @@
+"""Lightning data module: on-the-fly training batches and fixed evaluation sets."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from lab.data.text import collate_text
+
+
+class StepBatches(IterableDataset):
+    """Infinite stream of training batches; batch ``s`` depends only on (task seed, s).
+
+    ``start_step`` is set from the trainer's global step when training (re)starts, so a
+    resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, task, batch_size: int, collate: Callable, noise: bool = True) -> None:
+        self.task, self.batch_size, self.collate, self.noise = task, batch_size, collate, noise
+        self.start_step, self.rank, self.world_size = 0, 0, 1
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            index = step * self.world_size + self.rank  # each DDP rank draws its own batches
+            yield self.collate(self.task.train_batch(index, self.batch_size, self.noise))
+            step += 1
+
+
+class Batched(Dataset):
+    """A fixed sample list served as pre-collated batches."""
+
+    def __init__(self, samples: Sequence, batch_size: int, collate: Callable) -> None:
+        self.batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        return self.batches[i]
+
+
+def _loader(dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=0)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text-modality batches for a task: one training stream, one validation set per split."""
+
+    modality = "text"
+
+    def __init__(self, task, batch_size: int = 64, eval_batch_size: int = 256, noise: bool = True) -> None:
+        super().__init__()
+        self.task, self.batch_size, self.eval_batch_size, self.noise = task, batch_size, eval_batch_size, noise
+        self.collate = lambda samples: collate_text(samples, task.vocab.pad_id)
+        self.train_stream = StepBatches(task, batch_size, self.collate, noise)
+        self.val_names = [f"{self.modality}_{split}" for split in task.splits]
+
+    def eval_batches(self, split: str) -> Batched:
+        """Fixed evaluation batches; always clean (no noise tokens), whatever training uses."""
+        return Batched(self.task.eval_set(split, noise=False), self.eval_batch_size, self.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.train_stream)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [_loader(self.eval_batches(split)) for split in self.task.splits]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,95 @@
+"""What every evaluator gets (an :class:`EvalContext`) and how it writes results.
+
+An evaluator is a class with a ``name`` and ``__call__(ctx) -> dict``; it reads the model only
+through the residual-stream interface (``ctx.model``) and writes ``<out_dir>/<name>.json`` (plus
+CSV/PNG) with :meth:`EvalContext.write_json` and friends. Adding one = one module in ``lab/eval``
+plus one ``conf/evaluators/<name>.yaml`` whose ``_target_`` points at it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from lab.data.datamodule import to_device
+from lab.models.interface import ResidualModel
+
+
+@dataclass
+class EvalContext:
+    """Model, task, evaluation data per modality, and where to write."""
+
+    model: ResidualModel
+    task: Any
+    data: Mapping[str, Any]          # modality name -> object with eval_batches(split)
+    out_dir: Path
+    device: torch.device = torch.device("cpu")
+    writer: Any = None               # a TensorBoard SummaryWriter, or None
+    step: int = 0                    # global step of the checkpoint, for TensorBoard
+    info: dict = field(default_factory=dict)  # run name, checkpoint path, ...
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.data)
+
+    def batches(self, split: str, modality: str = "text") -> Iterator[dict]:
+        """Fixed evaluation batches of a split, on the context's device."""
+        for batch in self.data[modality].eval_batches(split):
+            yield to_device(batch, self.device)
+
+    def write_json(self, name: str, payload: dict) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.json"
+        path.write_text(json.dumps({"info": self.info, **payload}, indent=2, default=float))
+        return path
+
+    def write_csv(self, name: str, rows: list[dict]) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def save_figure(self, name: str, figure) -> Path:
+        """Save a matplotlib figure as PNG and log it to TensorBoard."""
+        import matplotlib.pyplot as plt
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        if self.writer is not None:
+            self.writer.add_figure(f"eval/{name}", figure, self.step)
+        plt.close(figure)
+        return path
+
+    def log_scalars(self, prefix: str, values: Mapping[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"eval/{prefix}/{key}", value, self.step)
+
+
+class Evaluator:
+    """Base class; subclasses set ``name`` and implement ``__call__``."""
+
+    name = "evaluator"
+
+    def __call__(self, ctx: EvalContext) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def answer_predictions(model: ResidualModel, batches, **run_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted token, target, n_objects) over all batches, optionally with run() primitives."""
+    preds, targets, counts = [], [], []
+    for batch in batches:
+        logits = model.answer_logits(batch, **run_kwargs)
+        preds.append(logits.argmax(-1).cpu())
+        targets.append(batch["targets"].cpu())
+        counts.append(batch["n_objects"].cpu())
+    return torch.cat(preds), torch.cat(targets), torch.cat(counts)

@@ -1,0 +1,140 @@
+"""Decoder-only pre-LN transformer that implements the residual-stream interface natively."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lab.errors import LabError
+from lab.models.interface import ResidualModel, Stream, attention_mask
+
+POSITIONAL_ENCODINGS = ("rope", "learned", "none")
+
+
+class ModelConfigError(LabError, ValueError):
+    """A model setting that cannot build a model."""
+
+
+def rope_cache(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, 1, T, head_dim/2] for rotary embeddings at the given positions."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, rope: bool) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope = n_heads, d_model // n_heads, rope
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, stream: Stream) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            cos, sin = stream.extra["rope"]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = stream.extra.get("mask")
+        if mask is None or stream.knockout is not None:
+            mask = attention_mask(stream)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, rope: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout, rope)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, stream: Stream) -> Tensor:
+        h = stream.h
+        h = h + self.drop(self.attn(self.ln1(h), stream))
+        return h + self.drop(self.mlp(self.ln2(h)))
+
+
+class Backbone(ResidualModel):
+    """The lab's transformer. ``embed`` also accepts precomputed input embeddings for
+    placeholder tokens (``batch['inject']`` [B, P, D] written at ``batch['inject_mask']``),
+    which is how projected image tokens enter the residual stream."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_layers: int = 4,
+        d_model: int = 128,
+        n_heads: int = 4,
+        d_ff: int = 512,
+        max_len: int = 512,
+        pos_encoding: str = "rope",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pos_encoding not in POSITIONAL_ENCODINGS:
+            raise ModelConfigError(
+                f"model.pos_encoding={pos_encoding!r} is unknown; choose one of {POSITIONAL_ENCODINGS}"
+            )
+        if d_model % n_heads or (pos_encoding == "rope" and (d_model // n_heads) % 2):
+            raise ModelConfigError(
+                f"model.d_model={d_model} must be divisible by model.n_heads={n_heads} "
+                "(with an even head size for RoPE)"
+            )
+        if min(n_layers, d_model, n_heads, d_ff, max_len) < 1 or not 0.0 <= dropout < 1.0:
+            raise ModelConfigError("model sizes must be >= 1 and model.dropout in [0, 1)")
+        self.n_layers, self.d_model, self.max_len, self.pos_encoding = n_layers, d_model, max_len, pos_encoding
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model) if pos_encoding == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, d_ff, dropout, pos_encoding == "rope") for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual writes
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, batch: Mapping[str, Tensor]) -> Stream:
+        tokens = batch["tokens"]
+        B, T = tokens.shape
+        if T > self.max_len:
+            raise ModelConfigError(f"sequence of length {T} exceeds model.max_len={self.max_len}")
+        h = self.tok_emb(tokens)
+        if "inject" in batch:
+            h = h.masked_scatter(batch["inject_mask"][..., None], batch["inject"].to(h.dtype))
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(positions)
+        stream = Stream(h=self.drop(h), attend=batch["attend"], positions=positions)
+        stream.extra["mask"] = attention_mask(stream)
+        if self.pos_encoding == "rope":
+            stream.extra["rope"] = rope_cache(positions, self.blocks[0].attn.head_dim)
+        return stream
+
+    def block(self, layer: int, stream: Stream) -> Tensor:
+        return self.blocks[layer](stream)
+
+    def readout(self, h: Tensor) -> Tensor:
+        return self.head(self.ln_f(h))

@@ -1,0 +1,63 @@
+"""Training callbacks: stop at ID saturation, keep the data stream in step, write metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+
+class SaturationStop(L.Callback):
+    """Stop once ``monitor`` has been >= ``threshold`` for ``patience`` consecutive validations."""
+
+    def __init__(self, monitor: str = "val/text_id_acc", threshold: float = 0.99, patience: int = 1) -> None:
+        self.monitor, self.threshold, self.patience = monitor, threshold, max(1, int(patience))
+        self.hits = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        self.hits = self.hits + 1 if value >= self.threshold else 0
+        if self.hits >= self.patience:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"hits": self.hits}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.hits = state_dict["hits"]
+
+
+class DataStepSync(L.Callback):
+    """Point the on-the-fly training stream at the trainer's global step (and DDP rank)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        stream = trainer.datamodule.train_stream
+        stream.start_step = trainer.global_step
+        stream.rank, stream.world_size = trainer.global_rank, trainer.world_size
+
+
+class MetricsFile(L.Callback):
+    """Append every validation's metrics to ``metrics.jsonl``; write the latest to ``metrics.json``.
+
+    On resume, lines from steps after the restored checkpoint are dropped, so the file reads
+    as if the run had never been interrupted.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.summary = Path(run_dir) / "metrics.json"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.path.exists() and trainer.global_step > 0:
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.global_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        record = {"step": trainer.global_step, **{k: round(float(v), 6) for k, v in pl_module.last_val_metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.summary.write_text(json.dumps(record, indent=2))

@@ -1,0 +1,133 @@
+"""LightningModule: next-token cross-entropy on the answer, accuracy per split and object count."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lab.models.interface import ResidualModel
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class AnswerAccuracy:
+    """Accumulates correct/total counts overall and per number of objects."""
+
+    def __init__(self) -> None:
+        self.correct: dict[int, int] = defaultdict(int)
+        self.total: dict[int, int] = defaultdict(int)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, n_objects: torch.Tensor) -> None:
+        hits = (logits.argmax(-1) == targets).cpu()
+        for n, hit in zip(n_objects.cpu().tolist(), hits.tolist()):
+            self.correct[n] += int(hit)
+            self.total[n] += 1
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct.values()) / max(1, sum(self.total.values()))
+
+    def per_count(self) -> dict[int, float]:
+        return {n: self.correct[n] / self.total[n] for n in sorted(self.total)}
+
+
+class RetrievalModule(L.LightningModule):
+    """Trains a :class:`ResidualModel` to predict the answer token at ``batch['answer_pos']``."""
+
+    def __init__(
+        self,
+        model: ResidualModel,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas=(0.9, 0.98),
+        warmup_steps: int = 200,
+        total_steps: int = 10000,
+        val_names: list[str] | None = None,
+        decoder=None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.val_names = list(val_names or [])
+        self.decoder = decoder  # optional: token ids -> strings, for logging samples
+        self._val: dict[str, AnswerAccuracy] = {}
+        self.last_val_metrics: dict[str, float] = {}
+
+    def forward(self, batch):
+        return self.model.answer_logits(batch)
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["targets"])
+        acc = (logits.argmax(-1) == batch["targets"]).float().mean()
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {name: AnswerAccuracy() for name in self.val_names}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        logits = self(batch)
+        name = self.val_names[dataloader_idx]
+        self._val[name].update(logits, batch["targets"], batch["n_objects"])
+        if batch_idx == 0 and self.decoder is not None and self.logger is not None:
+            self._log_samples(name, batch, logits)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {}
+        for name, acc in self._val.items():
+            if not acc.total:
+                continue
+            metrics[f"val/{name}_acc"] = acc.accuracy
+            for n, value in acc.per_count().items():
+                metrics[f"val_n/{name}_n{n:02d}"] = value
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key.startswith("val/"), add_dataloader_idx=False)
+        self.last_val_metrics = metrics
+
+    def _log_samples(self, name: str, batch, logits, k: int = 3) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        lines = []
+        for i in range(min(k, len(logits))):
+            prompt = self.decoder(batch["tokens"][i][: int(batch["answer_pos"][i]) + 1])
+            lines.append(
+                f"`{' '.join(prompt)}` -> predicted **{self.decoder([logits[i].argmax()])[0]}**, "
+                f"target **{self.decoder([batch['targets'][i]])[0]}**"
+            )
+        experiment.add_text(f"samples/{name}", "  \n".join(lines), self.global_step)
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=self.betas,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # RNG state travels with the checkpoint so a resumed run draws the same dropout masks.
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

@@ -1,0 +1,204 @@
+"""Indirect (two-hop) retrieval task: colour -> shape -> item.
+
+A prompt is ``[BOS] c1 s1 ... cN sN [CTX_END] s_a i_a ... s_z i_z [QUE] c_q`` and the target is
+the item associated with the shape of the object whose colour is ``c_q``. Filler ``[NOISE]``
+tokens may be scattered through the context; models must not attend to them.
+
+Everything here is pure and seeded: the same config and seed give the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.vocab import BOS, CTX_END, NOISE, QUE, SPECIAL_TOKENS, Vocab
+
+SPLITS = ("id", "ood")
+_STREAM_TRAIN, _STREAM_EVAL = 0, 1
+
+
+class TaskConfigError(ValueError):
+    """A task setting that cannot produce valid samples."""
+
+
+@dataclass
+class RetrievalSample:
+    """One prompt with its full structure (all positions index into ``tokens``)."""
+
+    tokens: list[int]                        # prompt token ids; the answer is not included
+    answer: int                              # token id of the target item
+    n_objects: int
+    colors: list[int]                        # colour index of each object, in context order
+    shapes: list[int]                        # shape index of each object
+    items: list[int]                         # item index bound to each object's shape
+    object_positions: list[tuple[int, int]]  # (colour position, shape position) per object
+    association_order: list[int]             # object index of each association, in order
+    association_positions: list[tuple[int, int]]  # (shape position, item position)
+    query_object: int                        # index of the queried object
+    query_position: int                      # position of the query colour (the last token)
+    ctx_end_position: int
+    noise_positions: list[int] = field(default_factory=list)
+
+    @property
+    def answer_item(self) -> int:
+        return self.items[self.query_object]
+
+
+def _as_range(value, name: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise TaskConfigError(f"{name} must be a pair [min, max] of integers, got {value!r}") from None
+    if lo > hi:
+        raise TaskConfigError(f"{name}={[lo, hi]}: min is larger than max")
+    return lo, hi
+
+
+class RetrievalTask:
+    """Seeded generator of retrieval samples plus the task's vocabulary and splits."""
+
+    name = "retrieval"
+    splits = SPLITS
+
+    def __init__(
+        self,
+        n_colors: int = 24,
+        n_shapes: int = 24,
+        n_items: int = 16,
+        id_objects=(2, 8),
+        ood_objects=(9, 16),
+        noise_tokens=(0, 0),
+        eval_size: int = 512,
+        seed: int = 0,
+    ) -> None:
+        self.n_colors, self.n_shapes, self.n_items = int(n_colors), int(n_shapes), int(n_items)
+        self.id_objects = _as_range(id_objects, "task.id_objects")
+        self.ood_objects = _as_range(ood_objects, "task.ood_objects")
+        self.noise_tokens = _as_range(noise_tokens, "task.noise_tokens")
+        self.eval_size, self.seed = int(eval_size), int(seed)
+        self._validate()
+        self.vocab = Vocab(
+            list(SPECIAL_TOKENS)
+            + [f"color_{i}" for i in range(self.n_colors)]
+            + [f"shape_{i}" for i in range(self.n_shapes)]
+            + [f"item_{i}" for i in range(self.n_items)]
+        )
+        self._color0 = self.vocab["color_0"]
+        self._shape0 = self.vocab["shape_0"]
+        self._item0 = self.vocab["item_0"]
+        self._eval_cache: dict[tuple[str, int], list[RetrievalSample]] = {}
+
+    def _validate(self) -> None:
+        for name in ("n_colors", "n_shapes", "n_items"):
+            if getattr(self, name) < 1:
+                raise TaskConfigError(f"task.{name} must be >= 1, got {getattr(self, name)}")
+        (id_lo, id_hi), (ood_lo, ood_hi) = self.id_objects, self.ood_objects
+        if id_lo < 1:
+            raise TaskConfigError(f"task.id_objects must start at >= 1 object, got {list(self.id_objects)}")
+        if id_hi >= ood_lo and ood_hi >= id_lo:
+            raise TaskConfigError(
+                f"task.id_objects={list(self.id_objects)} and task.ood_objects={list(self.ood_objects)} "
+                "overlap; OOD object counts must lie outside the ID range (e.g. id [2,8], ood [9,16])"
+            )
+        most = max(id_hi, ood_hi)
+        for name, size in (("n_colors", self.n_colors), ("n_shapes", self.n_shapes), ("n_items", self.n_items)):
+            if most > size:
+                raise TaskConfigError(
+                    f"up to {most} objects need distinct colours, shapes and items, but task.{name}={size}; "
+                    f"raise task.{name} or lower the object ranges"
+                )
+        if self.noise_tokens[0] < 0:
+            raise TaskConfigError(f"task.noise_tokens must be >= 0, got {list(self.noise_tokens)}")
+        if self.eval_size < 1:
+            raise TaskConfigError(f"task.eval_size must be >= 1, got {self.eval_size}")
+
+    # ------------------------------------------------------------------ public API
+    def object_range(self, split: str) -> tuple[int, int]:
+        if split not in SPLITS:
+            raise TaskConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.id_objects if split == "id" else self.ood_objects
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt any split can produce (for sizing positional tables)."""
+        most = max(self.id_objects[1], self.ood_objects[1])
+        return 4 * most + 4 + self.noise_tokens[1]
+
+    @property
+    def answer_token_ids(self) -> list[int]:
+        return list(range(self._item0, self._item0 + self.n_items))
+
+    def train_batch(self, step: int, batch_size: int, noise: bool = True) -> list[RetrievalSample]:
+        """The training samples of one step: a pure function of (seed, step)."""
+        rng = np.random.default_rng([self.seed, _STREAM_TRAIN, int(step)])
+        lo, hi = self.id_objects
+        return [self.sample(rng, int(rng.integers(lo, hi + 1)), noise) for _ in range(batch_size)]
+
+    def eval_set(self, split: str, noise: bool = True) -> list[RetrievalSample]:
+        """A fixed evaluation set for a split, balanced over the number of objects."""
+        key = (split, int(noise))
+        if key not in self._eval_cache:
+            lo, hi = self.object_range(split)
+            rng = np.random.default_rng([self.seed, _STREAM_EVAL, SPLITS.index(split), int(noise)])
+            counts = [lo + i % (hi - lo + 1) for i in range(self.eval_size)]
+            self._eval_cache[key] = [self.sample(rng, n, noise) for n in counts]
+        return self._eval_cache[key]
+
+    def chance_accuracy(self, samples: list[RetrievalSample]) -> float:
+        """Accuracy of guessing uniformly among the items present in each prompt."""
+        return float(np.mean([1.0 / s.n_objects for s in samples]))
+
+    def sample(self, rng: np.random.Generator, n_objects: int, noise: bool = True) -> RetrievalSample:
+        """Draw one sample with ``n_objects`` objects."""
+        colors = rng.choice(self.n_colors, n_objects, replace=False).tolist()
+        shapes = rng.choice(self.n_shapes, n_objects, replace=False).tolist()
+        items = rng.choice(self.n_items, n_objects, replace=False).tolist()
+        order = rng.permutation(n_objects).tolist()
+        query = int(rng.integers(n_objects))
+        n_noise = int(rng.integers(self.noise_tokens[0], self.noise_tokens[1] + 1)) if noise else 0
+
+        # Context: colour/shape pairs, with noise tokens dropped into random gaps.
+        context: list[int | None] = []
+        for c, s in zip(colors, shapes):
+            context += [self._color0 + c, self._shape0 + s]
+        for gap in sorted(rng.integers(0, len(context) + 1, n_noise).tolist(), reverse=True):
+            context.insert(gap, None)
+
+        tokens = [self.vocab[BOS]]
+        object_positions, noise_positions, pending_color = [], [], None
+        for tok in context:
+            pos = len(tokens)
+            if tok is None:
+                noise_positions.append(pos)
+                tokens.append(self.vocab[NOISE])
+                continue
+            tokens.append(tok)
+            if pending_color is None:
+                pending_color = pos
+            else:
+                object_positions.append((pending_color, pos))
+                pending_color = None
+        ctx_end = len(tokens)
+        tokens.append(self.vocab[CTX_END])
+        association_positions = []
+        for obj in order:
+            association_positions.append((len(tokens), len(tokens) + 1))
+            tokens += [self._shape0 + shapes[obj], self._item0 + items[obj]]
+        tokens.append(self.vocab[QUE])
+        tokens.append(self._color0 + colors[query])
+        return RetrievalSample(
+            tokens=tokens,
+            answer=self._item0 + items[query],
+            n_objects=n_objects,
+            colors=colors,
+            shapes=shapes,
+            items=items,
+            object_positions=object_positions,
+            association_order=order,
+            association_positions=association_positions,
+            query_object=query,
+            query_position=len(tokens) - 1,
+            ctx_end_position=ctx_end,
+            noise_positions=noise_positions,
+        )

@@ -1,0 +1,20 @@
+"""Train a model: ``python train.py task=retrieval modality=text model=tiny``.
+
+All logic lives in ``lab/``; see ``conf/train.yaml`` for every option.
+"""
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lab.cli import user_errors_exit
+from lab.train.run import train
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
