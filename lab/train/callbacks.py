@@ -30,12 +30,27 @@ class SaturationStop(L.Callback):
 
 
 class DataStepSync(L.Callback):
-    """Point the on-the-fly training stream at the trainer's global step (and DDP rank)."""
+    """Point the on-the-fly training stream at the trainer's global step (and DDP rank).
+
+    Lightning creates the training iterator, and prefetches its first batch, before
+    ``on_train_start``; so the step is set in ``setup`` (0) and, on resume, from the checkpoint
+    being restored (``on_load_checkpoint``), both of which run before the iterator exists.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        stream = trainer.datamodule.train_stream
+        stream.start_step = 0
+        stream.rank, stream.world_size = trainer.global_rank, trainer.world_size
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        trainer.datamodule.train_stream.start_step = int(checkpoint["global_step"])
 
     def on_train_start(self, trainer, pl_module) -> None:
-        stream = trainer.datamodule.train_stream
-        stream.start_step = trainer.global_step
-        stream.rank, stream.world_size = trainer.global_rank, trainer.world_size
+        if trainer.datamodule.train_stream.start_step != trainer.global_step:
+            raise RuntimeError(
+                f"training stream starts at step {trainer.datamodule.train_stream.start_step}, "
+                f"but the trainer is at step {trainer.global_step}"
+            )
 
 
 class MetricsFile(L.Callback):

@@ -75,17 +75,20 @@ def compose(cfg: DictConfig):
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Trainer:
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run_dir,
         filename="best",
         monitor=cfg.train.stop.monitor,
         mode="max",
         save_top_k=1,
-        save_last=True,
         enable_version_counter=False,
     )
+    # Lightning's save_last=True only refreshes last.ckpt when the top-k checkpoint changed, so a
+    # resume would go back to the best step; a separate unmonitored callback saves every validation.
+    last = ModelCheckpoint(dirpath=run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     callbacks = [
-        checkpoint,
+        best,
+        last,  # after ``best``, so last.ckpt records the updated best score
         SaturationStop(cfg.train.stop.monitor, cfg.train.stop.threshold, cfg.train.stop.patience),
         DataStepSync(),
         MetricsFile(run_dir),
@@ -120,12 +123,12 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
         log.info("resuming %s from %s", run_dir, ckpt_path)
     else:
         runs.prepare_new_run(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: seeds its init
     task, datamodule, module = compose(cfg)
     if ckpt_path is None:
         runs.save_config(run_dir, cfg)
     else:
         runs.check_checkpoint_matches(checkpoint, task, ckpt_path)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, run_dir, extra_callbacks)
     if ckpt_path is None:
         trainer.logger.log_hyperparams(_flat_hparams(cfg))
