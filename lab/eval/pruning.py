@@ -2,7 +2,8 @@
 
 For each modality and ablation operator (``skip``, ``mean``):
 
-- blocks are scored on the calibration half of ``calibration_split`` (default ``id``);
+- blocks are scored on the calibration half of ``calibration_split`` (default: the task's
+  first split, ``id`` for the retrieval task);
 - **iterative**: remove the least relevant block, re-score the pruned model, repeat
   (accuracy: the block whose removal keeps the highest calibration accuracy, ties broken by
   the smaller loss; cosine / angular: the smallest score measured in the pruned model;
@@ -88,7 +89,7 @@ class PruningEvaluator(Evaluator):
 
     name = "pruning"
 
-    def __init__(self, criteria=CRITERIA, modes=MODES, operators=("skip",), calibration_split: str = "id",
+    def __init__(self, criteria=CRITERIA, modes=MODES, operators=("skip",), calibration_split: str | None = None,
                  calibration_fraction: float = 0.5, max_removed=None, random_repeats: int = 5, seed: int = 0,
                  cosine_score: str = "cosine_all", angular_n: int = 1, splits=None, modalities=None) -> None:
         bad = [c for c in criteria if c not in CRITERIA]
@@ -121,6 +122,7 @@ class PruningEvaluator(Evaluator):
         model, L = ctx.model, ctx.model.n_layers
         n_remove = self._n_remove(L)
         splits = _splits(ctx, self.splits)
+        self.calibration_split = self.calibration_split or ctx.task.splits[0]
         if self.calibration_split not in ctx.task.splits:
             raise LabError(f"calibration_split={self.calibration_split!r} is not a split of the task ({list(ctx.task.splits)})")
         results, rows = {}, []

@@ -31,11 +31,16 @@ OPERATORS = ("skip", "mean")
 
 
 # ---------------------------------------------------------------------- data
-def _is_calibration(n: int, fraction: float) -> np.ndarray:
-    """Interleaved partition of sample indices 0..n-1: True = calibration (balanced over the
-    evaluation set's ordering, e.g. the number of objects cycles through the set)."""
-    i = np.arange(n)
-    return np.floor((i + 1) * fraction) > np.floor(i * fraction)
+def _is_calibration(n: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """Seeded random partition of sample indices 0..n-1: True = calibration.
+
+    Random rather than interleaved: evaluation sets cycle through their strata (number of
+    objects, answer class), and an every-other-sample split would put whole strata on one side.
+    """
+    mask = np.zeros(n, dtype=bool)
+    k = min(max(int(round(n * fraction)), 1), n - 1) if n > 1 else 0
+    mask[np.random.default_rng([seed, n]).permutation(n)[:k]] = True
+    return mask
 
 
 def take_rows(batch: dict, keep: Tensor) -> dict:
@@ -237,7 +242,8 @@ class Ablator:
 
 # ---------------------------------------------------------------------- similarity scores
 def _cos(a: Tensor, b: Tensor) -> Tensor:
-    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    # float64: 1 - cos of a tiny write is far below float32 resolution (the snowball case).
+    return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-30).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

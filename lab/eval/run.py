@@ -28,7 +28,17 @@ def build_evaluators(cfg: DictConfig) -> list:
 
 
 def evaluate_run(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg.run`` (a run directory) with ``cfg.evaluators``; returns results by name."""
+    """Evaluate ``cfg.run`` (a run directory) with ``cfg.evaluators``; returns results by name.
+
+    Without a run directory, ``model=<hf|snowball|...>`` evaluates a model built from its config
+    (see :mod:`lab.eval.standalone`).
+    """
+    if cfg.get("model") is not None:
+        if cfg.get("run"):
+            raise LabError("pass either run=<run dir> or model=<...>, not both")
+        from lab.eval.standalone import evaluate_model
+
+        return evaluate_model(cfg, build_evaluators, run_evaluators)
     if not cfg.get("run"):
         raise LabError("pass the run directory to evaluate: run=checkpoints/<task>/<run>")
     run_dir = Path(cfg.run)
