@@ -301,16 +301,15 @@ class Renderer:
         if n_objects > self.capacity:
             raise TaskConfigError(f"{n_objects} objects do not fit on the canvas (capacity {self.capacity})")
         lo, hi = 0, self.canvas_size - self.object_size  # inclusive corner range
-        corners: list[tuple[int, int]] = []
+        placed = np.empty((0, 2), np.int64)
         for _ in range(n_objects):
-            for _ in range(_PLACE_TRIES):
-                r, c = (int(v) for v in rng.integers(lo, hi + 1, 2))
-                if all(abs(r - r2) >= self.cell or abs(c - c2) >= self.cell for r2, c2 in corners):
-                    corners.append((r, c))
-                    break
-            else:
+            tries = rng.integers(lo, hi + 1, (_PLACE_TRIES, 2))   # candidate corners, tried in order
+            apart = (np.abs(tries[:, None, :] - placed[None]) >= self.cell).any(-1).all(-1)
+            first = int(np.argmax(apart))
+            if not apart[first]:
                 return self._grid_layout(rng, n_objects)
-        return Layout(corners, self.object_size)
+            placed = np.vstack([placed, tries[first]])
+        return Layout([(int(r), int(c)) for r, c in placed], self.object_size)
 
     def _grid_layout(self, rng: np.random.Generator, n_objects: int) -> Layout:
         """Dense fallback: random cells of the grid, each box jittered within the leftover margin."""

@@ -1,0 +1,163 @@
+"""Image-tokenized retrieval samples (pure, seeded; no torch).
+
+The context of a retrieval prompt becomes a picture (:mod:`tasks.render`) read through ``P``
+placeholder ``[IMG]`` tokens; associations and query stay text::
+
+    [BOS] [IMG] x P [CTX_END] s_a i_a ... s_z i_z [QUE] c_q   ->  answer i_q
+
+Training contexts come from a fixed *pool* of ``pool_size`` rendered contexts (objects and
+layout) per object count, so a frozen encoder's features can be computed once; each training
+sample takes a pool context and draws fresh items, association order and query on the fly.
+Evaluation uses the task's own fixed evaluation samples (same objects, items and query as the
+text evaluation set), each with its own seeded layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.render import Layout, Renderer
+from tasks.retrieval import RetrievalSample, RetrievalTask, TaskConfigError
+from tasks.vocab import BOS, CTX_END, IMG, QUE
+
+_STREAM_POOL, _STREAM_TRAIN, _STREAM_EVAL = 10, 11, 12
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """The objects of one picture: colours, shapes and box corners (row, col) in pixels."""
+
+    colors: tuple[int, ...]
+    shapes: tuple[int, ...]
+    corners: tuple[tuple[int, int], ...]
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.colors)
+
+
+@dataclass
+class ImageRetrievalSample(RetrievalSample):
+    """A retrieval sample whose context is an image.
+
+    ``object_positions`` is empty (objects are image patches, not tokens); the image occupies
+    token positions ``image_start .. image_start + n_image_tokens - 1``. ``context_key`` names
+    the picture, so its encoder features can be cached: ``("pool", n_objects, k)`` for training,
+    ``("id"|"ood", i)`` for evaluation.
+    """
+
+    context: ImageContext | None = None
+    context_key: tuple = ()
+    image_start: int = 1
+    n_image_tokens: int = 0
+
+
+class ImageRetrieval:
+    """Image-context samples for a :class:`RetrievalTask`, drawn with a :class:`Renderer`."""
+
+    def __init__(self, task: RetrievalTask, renderer: Renderer, n_image_tokens: int, pool_size: int = 256) -> None:
+        if n_image_tokens < 1:
+            raise TaskConfigError(f"the image needs at least one token, got n_image_tokens={n_image_tokens}")
+        if pool_size < 1:
+            raise TaskConfigError(f"modality.pool_size must be >= 1, got {pool_size}")
+        most = max(task.id_objects[1], task.ood_objects[1])
+        if most > renderer.capacity:
+            raise TaskConfigError(
+                f"up to {most} objects are requested but the canvas holds {renderer.capacity}; "
+                "raise render.canvas_size or lower render.object_size"
+            )
+        self.task, self.renderer = task, renderer
+        self.n_image_tokens, self.pool_size = int(n_image_tokens), int(pool_size)
+        v = task.vocab
+        self._bos, self._img, self._ctx_end, self._que = v[BOS], v[IMG], v[CTX_END], v[QUE]
+        self._pools: dict[int, list[ImageContext]] = {}
+        self._eval: dict[str, list[ImageRetrievalSample]] = {}
+
+    # --------------------------------------------------------------------------- contexts
+    def pool(self, n_objects: int) -> list[ImageContext]:
+        """The ``pool_size`` training pictures with ``n_objects`` objects (fixed per task seed)."""
+        if n_objects not in self._pools:
+            rng = np.random.default_rng([self.task.seed, _STREAM_POOL, n_objects])
+            self._pools[n_objects] = [self.random_context(rng, n_objects) for _ in range(self.pool_size)]
+        return self._pools[n_objects]
+
+    def random_context(self, rng: np.random.Generator, n_objects: int) -> ImageContext:
+        colors = rng.choice(self.task.n_colors, n_objects, replace=False).tolist()
+        shapes = rng.choice(self.task.n_shapes, n_objects, replace=False).tolist()
+        return self._context(rng, colors, shapes)
+
+    def _context(self, rng, colors, shapes) -> ImageContext:
+        layout = self.renderer.layout(rng, len(colors))
+        return ImageContext(tuple(int(c) for c in colors), tuple(int(s) for s in shapes), tuple(layout.corners))
+
+    def image(self, context: ImageContext) -> np.ndarray:
+        """The picture [H, W, 3] uint8 of a context."""
+        return self.renderer.draw(context.colors, context.shapes, Layout(list(context.corners), self.renderer.object_size))
+
+    # --------------------------------------------------------------------------- samples
+    def sample(self, rng: np.random.Generator, context: ImageContext, key: tuple = ()) -> ImageRetrievalSample:
+        """Fresh items, association order and query for a picture."""
+        n = context.n_objects
+        items = rng.choice(self.task.n_items, n, replace=False).tolist()
+        order = rng.permutation(n).tolist()
+        query = int(rng.integers(n))
+        return self._build(context, items, order, query, key)
+
+    def _build(self, context: ImageContext, items, order, query: int, key: tuple) -> ImageRetrievalSample:
+        t = self.task
+        tokens = [self._bos] + [self._img] * self.n_image_tokens
+        ctx_end = len(tokens)
+        tokens.append(self._ctx_end)
+        association_positions = []
+        for obj in order:
+            association_positions.append((len(tokens), len(tokens) + 1))
+            tokens += [t._shape0 + context.shapes[obj], t._item0 + items[obj]]
+        tokens += [self._que, t._color0 + context.colors[query]]
+        return ImageRetrievalSample(
+            tokens=tokens,
+            answer=t._item0 + items[query],
+            n_objects=context.n_objects,
+            colors=list(context.colors),
+            shapes=list(context.shapes),
+            items=list(items),
+            object_positions=[],
+            association_order=list(order),
+            association_positions=association_positions,
+            query_object=query,
+            query_position=len(tokens) - 1,
+            ctx_end_position=ctx_end,
+            noise_positions=[],
+            context=context,
+            context_key=key,
+            image_start=1,
+            n_image_tokens=self.n_image_tokens,
+        )
+
+    def train_batch(self, index: int, batch_size: int) -> list[ImageRetrievalSample]:
+        """Training batch ``index``: a pure function of (task seed, index)."""
+        rng = np.random.default_rng([self.task.seed, _STREAM_TRAIN, int(index)])
+        lo, hi = self.task.id_objects
+        out = []
+        for _ in range(batch_size):
+            n = int(rng.integers(lo, hi + 1))
+            k = int(rng.integers(self.pool_size))
+            out.append(self.sample(rng, self.pool(n)[k], ("pool", n, k)))
+        return out
+
+    def eval_set(self, split: str) -> list[ImageRetrievalSample]:
+        """The task's clean evaluation samples of ``split`` with their contexts drawn as pictures."""
+        if split not in self._eval:
+            text = self.task.eval_set(split, noise=False)
+            samples = []
+            for i, s in enumerate(text):
+                rng = np.random.default_rng([self.task.seed, _STREAM_EVAL, self.task.splits.index(split), i])
+                context = self._context(rng, s.colors, s.shapes)
+                samples.append(self._build(context, s.items, s.association_order, s.query_object, (split, i)))
+            self._eval[split] = samples
+        return self._eval[split]
+
+    @property
+    def max_prompt_len(self) -> int:
+        most = max(self.task.id_objects[1], self.task.ood_objects[1])
+        return 1 + self.n_image_tokens + 1 + 2 * most + 2
