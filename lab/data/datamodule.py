@@ -21,11 +21,15 @@ class StepBatches(IterableDataset):
         self.task, self.batch_size, self.collate, self.noise = task, batch_size, collate, noise
         self.start_step, self.rank, self.world_size = 0, 0, 1
 
+    def batch(self, index: int, noise: bool | None = None) -> dict:
+        """Training batch number ``index`` (a pure function of the task seed and ``index``)."""
+        noise = self.noise if noise is None else noise
+        return self.collate(self.task.train_batch(index, self.batch_size, noise))
+
     def __iter__(self):
         step = self.start_step
         while True:
-            index = step * self.world_size + self.rank  # each DDP rank draws its own batches
-            yield self.collate(self.task.train_batch(index, self.batch_size, self.noise))
+            yield self.batch(step * self.world_size + self.rank)  # each DDP rank draws its own batches
             step += 1
 
 
@@ -57,6 +61,9 @@ class TextDataModule(L.LightningDataModule):
         self.collate = lambda samples: collate_text(samples, task.vocab.pad_id)
         self.train_stream = StepBatches(task, batch_size, self.collate, noise)
         self.val_names = [f"{self.modality}_{split}" for split in task.splits]
+
+    def train_batch(self, index: int, noise: bool | None = None) -> dict:
+        return self.train_stream.batch(index, noise)
 
     def eval_batches(self, split: str) -> Batched:
         """Fixed evaluation batches; always clean (no noise tokens), whatever training uses."""

@@ -1,32 +1,10 @@
-"""Training callbacks: stop at ID saturation, keep the data stream in step, write metrics."""
+"""Training callbacks: keep the data stream in step with the trainer, write metrics."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import lightning as L
-
-
-class SaturationStop(L.Callback):
-    """Stop once ``monitor`` has been >= ``threshold`` for ``patience`` consecutive validations."""
-
-    def __init__(self, monitor: str = "val/text_id_acc", threshold: float = 0.99, patience: int = 1) -> None:
-        self.monitor, self.threshold, self.patience = monitor, threshold, max(1, int(patience))
-        self.hits = 0
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        value = float(trainer.callback_metrics[self.monitor])
-        self.hits = self.hits + 1 if value >= self.threshold else 0
-        if self.hits >= self.patience:
-            trainer.should_stop = True
-
-    def state_dict(self) -> dict:
-        return {"hits": self.hits}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.hits = state_dict["hits"]
 
 
 class DataStepSync(L.Callback):

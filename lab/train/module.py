@@ -55,13 +55,15 @@ class RetrievalModule(L.LightningModule):
         betas=(0.9, 0.98),
         warmup_steps: int = 200,
         total_steps: int = 10000,
+        lr_factor=None,
         val_names: list[str] | None = None,
         decoder=None,
     ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        # LR multiplier per global step; default warm-up + cosine over ``total_steps``.
+        self.lr_factor = lr_factor or warmup_cosine(warmup_steps, total_steps)
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
         self._val: dict[str, AnswerAccuracy] = {}
@@ -121,7 +123,7 @@ class RetrievalModule(L.LightningModule):
             lr=self.lr,
             betas=self.betas,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, self.total_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # RNG state travels with the checkpoint so a resumed run draws the same dropout masks.

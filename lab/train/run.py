@@ -13,7 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab import runs
 from lab.errors import LabError
-from lab.train.callbacks import DataStepSync, MetricsFile, SaturationStop
+from lab.data.curriculum import CurriculumDataModule
+from lab.models.visual import build_vision_model, image_data_kwargs, uses_images
+from lab.train.callbacks import DataStepSync, MetricsFile
+from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
 from lab.train.module import RetrievalModule
 
 log = logging.getLogger(__name__)
@@ -47,34 +50,60 @@ class LabModule(RetrievalModule):
         checkpoint["lab_meta"] = self.meta
 
 
-def compose(cfg: DictConfig):
-    """Build (task, datamodule, module) from a config, validating everything before training."""
+def build_data(cfg: DictConfig, task, model=None) -> tuple[dict, str]:
+    """One data module per modality (the primary ``cfg.modality`` plus those the regime names),
+    and the primary modality's name. Image data gets ``model``'s visual encoder."""
+    def make(node):
+        return runs.build(
+            node, "modality", task=task, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+            **image_data_kwargs(node, model),
+        )
+
+    primary = make(cfg.modality)
+    data = {primary.modality: primary}
+    for name, node in (cfg.regime.get("data") or {}).items():
+        if name not in data:
+            data[name] = make(node)
+    return dict(sorted(data.items(), key=lambda kv: kv[0] != "text")), primary.modality  # text first
+
+
+def compose(cfg: DictConfig, run_dir: str | Path = "."):
+    """Build (task, datamodule, module, controller) from a config, validating everything first."""
     _validate(cfg)
     task = runs.build_task(cfg)
-    datamodule = runs.build(
-        cfg.modality, "modality", task=task, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size
-    )
     model = runs.build_model(cfg, len(task.vocab), task.max_prompt_len)
+    if uses_images(cfg):  # image data anywhere: backbone + visual encoder + projector
+        model = build_vision_model(cfg, model, task)
+    data, primary = build_data(cfg, task, model)
+    regime = parse_regime(cfg, primary, list(data))
+    if cfg.regime.get("match_steps_of"):
+        regime = match_steps(regime, cfg.regime.match_steps_of, cfg.train.val_every)
+    missing = [m for m in regime.modalities if m not in data]
+    if missing:
+        raise LabError(f"regime {regime.name!r} uses modalities {missing} that have no data config")
+    controller = PhaseController(regime, run_dir, cfg.train.stop.threshold, cfg.train.stop.patience)
+    datamodule = CurriculumDataModule(data, controller, cfg.seed)
     module = LabModule(
         model,
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         betas=cfg.train.betas,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=cfg.train.max_steps,
+        lr_factor=phase_lr_factor(controller, cfg.train.warmup_steps, cfg.train.lr),
         val_names=datamodule.val_names,
         decoder=task.vocab.decode,
         meta=runs.checkpoint_meta(task),
     )
-    if cfg.train.stop.monitor.removeprefix("val/").removesuffix("_acc") not in datamodule.val_names:
-        raise LabError(
-            f"train.stop.monitor={cfg.train.stop.monitor!r} is not a validation metric; "
-            f"choose one of {[f'val/{n}_acc' for n in datamodule.val_names]}"
-        )
-    return task, datamodule, module
+    monitors = [f"val/{n}_acc" for n in datamodule.val_names]
+    for where, metric in [("train.stop.monitor", cfg.train.stop.monitor)] + [
+        (f"phase {p.name!r} until", p.until) for p in regime.phases if p.until
+    ]:
+        if metric not in monitors:
+            raise LabError(f"{where}={metric!r} is not a validation metric; choose one of {monitors}")
+    log.info("regime %s: %s", regime.name, " -> ".join(f"{p.name}{p.mix}" for p in regime.phases))
+    return task, datamodule, module, controller
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
     best = ModelCheckpoint(
         dirpath=run_dir,
         filename="best",
@@ -89,7 +118,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Traine
     callbacks = [
         best,
         last,  # after ``best``, so last.ckpt records the updated best score
-        SaturationStop(cfg.train.stop.monitor, cfg.train.stop.threshold, cfg.train.stop.patience),
+        controller,
         DataStepSync(),
         MetricsFile(run_dir),
         *extra_callbacks,
@@ -97,7 +126,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Traine
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
-        max_steps=cfg.train.max_steps,
+        max_steps=controller.regime.max_steps,
         max_epochs=-1,
         val_check_interval=cfg.train.val_every,
         check_val_every_n_epoch=None,
@@ -124,16 +153,16 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     else:
         runs.prepare_new_run(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: seeds its init
-    task, datamodule, module = compose(cfg)
+    task, datamodule, module, controller = compose(cfg, run_dir)
     if ckpt_path is None:
         runs.save_config(run_dir, cfg)
     else:
         runs.check_checkpoint_matches(checkpoint, task, ckpt_path)
-    trainer = make_trainer(cfg, run_dir, extra_callbacks)
+    trainer = make_trainer(cfg, run_dir, controller, extra_callbacks)
     if ckpt_path is None:
         trainer.logger.log_hyperparams(_flat_hparams(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-    metrics = {"step": trainer.global_step, **module.last_val_metrics}
+    metrics = {"step": trainer.global_step, "phases": controller.history, **module.last_val_metrics}
     log.info("finished at step %d: %s", trainer.global_step, json.dumps(_headline(metrics)))
     return metrics
 

@@ -1,0 +1,43 @@
+"""Training data of a regime: each step draws its batch from one modality, chosen by the phase mix."""
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import IterableDataset
+
+from lab.data.datamodule import _loader
+
+
+class CurriculumStream(IterableDataset):
+    """Infinite batch stream; step ``s`` gives ``data[m].train_batch(s)`` with ``m`` from the
+    current phase's mix. ``start_step``/``rank``/``world_size`` are set by ``DataStepSync``."""
+
+    def __init__(self, data: dict, controller, seed: int) -> None:
+        self.data, self.controller, self.seed = data, controller, seed
+        self.start_step, self.rank, self.world_size = 0, 0, 1
+
+    def batch(self, step: int) -> dict:
+        phase = self.controller.phase
+        modality = phase.modality_at(self.seed, step)
+        return self.data[modality].train_batch(step * self.world_size + self.rank, noise=phase.noise)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class CurriculumDataModule(L.LightningDataModule):
+    """Wraps one data module per modality; validates on every modality's ID and OOD sets."""
+
+    def __init__(self, data: dict, controller, seed: int) -> None:
+        super().__init__()
+        self.data = data
+        self.train_stream = CurriculumStream(data, controller, seed)
+        self.val_names = [name for dm in data.values() for name in dm.val_names]
+
+    def train_dataloader(self):
+        return _loader(self.train_stream)
+
+    def val_dataloader(self):
+        return [loader for dm in self.data.values() for loader in dm.val_dataloader()]
