@@ -146,3 +146,45 @@ def test_build_vision_model_lab_weights_missing_gives_command(tmp_path):
     again = build_vision_model(cfg, Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64))
     for (k, a), b in zip(model.encoder.state_dict().items(), again.encoder.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def image_cfg(tmp_path, *overrides):
+    from conftest import tiny_cfg
+
+    return tiny_cfg(
+        "modality=image",
+        "encoder=convnext",
+        "render.canvas_size=32",
+        "render.object_size=8",
+        "render.gap=1",
+        "encoder.pretrain.steps=3",
+        "encoder.pretrain.batch_size=4",
+        "encoder.pretrain.eval_size=8",
+        f"encoder.cache_dir={tmp_path / 'encoders'}",
+        f"modality.feature_cache_dir={tmp_path / 'features'}",
+        "modality.pool_size=16",
+        "train.max_steps=10",
+        "train.val_every=5",
+        "train.stop.monitor=val/image_id_acc",
+        *overrides,
+    )
+
+
+def test_image_run_end_to_end(tmp_path):
+    """modality=image: auto-pretrained frozen encoder, 10 training steps, evaluate.py-style reload."""
+    from lab.eval.run import eval_data
+    from lab.runs import load_trained_model
+    from lab.train.run import train
+
+    cfg = image_cfg(tmp_path)
+    run_dir = tmp_path / "run"
+    metrics = train(cfg, run_dir)
+    assert metrics["step"] == 10 and "val/image_id_acc" in metrics and "val/image_ood_acc" in metrics
+    assert list((tmp_path / "encoders").glob("convnext_atto-*/encoder.safetensors"))
+    run_cfg, task, model = load_trained_model(run_dir, "last")
+    assert isinstance(model, VisionTextModel)
+    data = eval_data(run_cfg, task, 64, model)
+    assert "image" in data
+    batch = next(iter(data["image"].eval_batches("id")))
+    logits = model.answer_logits(batch)
+    assert logits.shape == (len(batch["targets"]), len(task.vocab))

@@ -45,8 +45,8 @@ class ImageStepBatches(IterableDataset):
         self.datamodule = datamodule
         self.start_step, self.rank, self.world_size = 0, 0, 1
 
-    def batch(self, index: int) -> dict:
-        return self.datamodule.train_batch(index)
+    def batch(self, index: int, noise: bool | None = None) -> dict:
+        return self.datamodule.train_batch(index, noise)
 
     def __iter__(self):
         step = self.start_step
@@ -115,8 +115,11 @@ class ImageDataModule(L.LightningDataModule):
     def max_prompt_len(self) -> int:
         return self.images.max_prompt_len
 
-    def train_batch(self, index: int) -> dict:
-        """Training batch number ``index``: a pure function of (task seed, index)."""
+    def train_batch(self, index: int, noise: bool | None = None) -> dict:
+        """Training batch number ``index``: a pure function of (task seed, index).
+
+        ``noise`` is accepted like :meth:`TextDataModule.train_batch`; image contexts have no noise tokens.
+        """
         return self.collate(self.images.train_batch(index, self.batch_size))
 
     def eval_batches(self, split: str) -> Batched:

@@ -14,10 +14,19 @@ from lab.eval.base import EvalContext
 log = logging.getLogger(__name__)
 
 
-def eval_data(run_cfg: DictConfig, task, batch_size: int) -> dict:
-    """Evaluation data per modality for a run (the modality it was configured with)."""
-    datamodule = runs.build(run_cfg.modality, "modality", task=task, batch_size=1, eval_batch_size=batch_size)
-    return {datamodule.modality: datamodule}
+def eval_data(run_cfg: DictConfig, task, batch_size: int, model=None) -> dict:
+    """Evaluation data per modality for a run: the modality it was configured with, plus those its
+    regime trained on. Image data encodes its pictures with ``model``'s visual encoder."""
+    from lab.models.visual import image_data_kwargs
+
+    regime = run_cfg.get("regime") or {}
+    data = {}
+    for node in [run_cfg.modality, *((regime.get("data") or {}).values())]:
+        datamodule = runs.build(
+            node, "modality", task=task, batch_size=1, eval_batch_size=batch_size, **image_data_kwargs(node, model)
+        )
+        data.setdefault(datamodule.modality, datamodule)
+    return data
 
 
 def build_evaluators(cfg: DictConfig) -> list:
@@ -49,7 +58,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     ctx = EvalContext(
         model=model.to(device),
         task=task,
-        data=eval_data(run_cfg, task, cfg.batch_size),
+        data=eval_data(run_cfg, task, cfg.batch_size, model),
         out_dir=run_dir / "eval",
         device=device,
         writer=_writer(run_dir),

@@ -310,11 +310,26 @@ def _plain(node) -> dict:
     return dict(node or {})
 
 
+def is_image_node(node) -> bool:
+    """Whether a modality config node builds an :class:`~lab.data.image.ImageDataModule`."""
+    return node is not None and str(_cfg_get(node, "_target_", "")).endswith("ImageDataModule")
+
+
 def uses_images(cfg) -> bool:
-    """Whether a run config trains or evaluates on images (so its model is a VisionTextModel)."""
-    modality = cfg.get("modality") if hasattr(cfg, "get") else None
-    target = str(_cfg_get(modality, "_target_", "")) if modality is not None else ""
-    return target.endswith("ImageDataModule") or bool(cfg.get("vision", False))
+    """Whether a run uses images anywhere (``cfg.modality`` or a regime's ``data`` entries), so
+    that its model is a :class:`VisionTextModel`."""
+    regime = cfg.get("regime") or {}
+    nodes = [cfg.get("modality"), *((regime.get("data") or {}).values())]
+    return any(is_image_node(node) for node in nodes)
+
+
+def image_data_kwargs(node, model) -> dict:
+    """Extra constructor arguments of a modality node: the encoder for image data, nothing for text."""
+    if not is_image_node(node):
+        return {}
+    if not isinstance(model, VisionTextModel):
+        raise LabError("image data needs the run model to be a VisionTextModel (lab.models.visual.build_vision_model)")
+    return {"encoder": model.encoder, "frozen": model.frozen}
 
 
 def build_encoder(enc_cfg, weights: str | None = None) -> VisualEncoder:
@@ -358,6 +373,20 @@ def build_vision_model(cfg, backbone: ResidualModel, task=None, load_weights: bo
         encoder = build_encoder(enc, str(path))
     else:
         encoder = build_encoder(enc, weights)
+    longest = 1 + encoder.n_tokens + 1 + 2 * _most_objects(cfg) + 2
+    if getattr(backbone, "max_len", longest) < longest:
+        raise LabError(
+            f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
+            f"{backbone.max_len}; raise model.max_len or use an encoder with fewer tokens"
+        )
     projector = Projector(encoder.dim, int(backbone.d_model), str(_cfg_get(enc, "projector", "mlp")))
     img_id = task.vocab[IMG] if task is not None else SPECIAL_TOKENS.index(IMG)  # vocabularies start with these
     return VisionTextModel(backbone, encoder, projector, img_id, frozen=bool(_cfg_get(enc, "frozen", True)))
+
+
+def _most_objects(cfg) -> int:
+    task = cfg.get("task") or {}
+    try:
+        return int(max(task["id_objects"][1], task["ood_objects"][1]))
+    except (KeyError, TypeError, IndexError):
+        return 0

@@ -116,7 +116,7 @@ def ensure_pretrained_encoder(cfg) -> Path:
             f"no pretrained encoder at {path} (encoder.weights=lab). Write it with:\n  {pretrain_command(cfg)}\n"
             "or set encoder.auto_pretrain=true to train it automatically, or use encoder.weights=random"
         )
-    with _lock(out):
+    with _lock(out), torch.random.fork_rng():  # the caller's RNG state is the same with or without a cache
         if not path.is_file():  # another process may have written it while we waited
             log.info("no cached encoder at %s: pretraining it now (command: %s)", out, pretrain_command(cfg))
             pretrain_encoder(cfg, out)
