@@ -3,10 +3,13 @@ metrics.jsonl and eval/. Everything needed to rebuild a trained model from the d
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +20,12 @@ from tasks.retrieval import TaskConfigError
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = ("best", "last")
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    """An exception's text on one line (user errors are printed as a single ``error:`` line)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def unwrap_instantiation(error: Exception) -> Exception:
@@ -74,16 +83,17 @@ def load_config(run_dir: str | Path) -> DictConfig:
         raise LabError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the folder train.py created")
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, UnicodeDecodeError) as error:
-        raise LabError(f"{path} is corrupt ({error}); restore it from the original run") from None
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, UnicodeDecodeError) as error:
+        raise LabError(f"{path} is corrupt ({_one_line(error)}); restore it from the original run") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg or "task" not in cfg:
         raise LabError(f"{path} is not a lab run config (it lacks model/task sections)")
     return cfg
 
 
 def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
-    """``best``/``last`` inside the run directory, or an explicit path to a .ckpt file."""
-    path = Path(run_dir) / f"{which}.ckpt" if which in CHECKPOINTS else Path(which)
+    """A checkpoint of the run by name (``best``, ``last``, ``phase1_image``...) or an explicit path."""
+    named = Path(run_dir) / f"{which}.ckpt"
+    path = named if which in CHECKPOINTS or named.is_file() else Path(which)
     if not path.is_file():
         found = sorted(p.name for p in Path(run_dir).glob("*.ckpt")) if Path(run_dir).is_dir() else []
         raise LabError(f"checkpoint {path} not found; checkpoints in {run_dir}: {found or 'none'}")
@@ -93,14 +103,22 @@ def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol notes: the message below says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # The safe unpickler names the global (class or function) it refused; any other failure
+        # means the bytes are not a checkpoint at all (random data, a truncated legacy pickle).
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused is None:
+            raise LabError(f"checkpoint {path} is corrupt or truncated (not a readable checkpoint); use another checkpoint") from None
         raise LabError(
-            f"{path} holds objects other than tensors and plain containers, so it is not loaded "
-            f"(weights_only=True); only checkpoints written by this lab are accepted ({str(error)[:120]})"
+            f"{path} holds objects other than tensors and plain containers ({refused.group(1)}), so it is not "
+            "loaded (weights_only=True); only checkpoints written by this lab are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise LabError(f"checkpoint {path} is corrupt or truncated ({str(error)[:160]}); use another checkpoint") from None
+        detail = f" ({_one_line(error, 160)})" if str(error) else ""
+        raise LabError(f"checkpoint {path} is corrupt or truncated{detail}; use another checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LabError(f"{path} is not a lab checkpoint (no state_dict)")
     return checkpoint
@@ -130,10 +148,16 @@ def load_trained_model(run_dir: str | Path, which: str = "best"):
     checkpoint = load_checkpoint(path)
     check_checkpoint_matches(checkpoint, task, path)
     model = build_model(cfg, len(task.vocab), 1)
+    from lab.models.visual import build_vision_model, uses_images
+
+    if uses_images(cfg):  # encoder weights come from the checkpoint below
+        model = build_vision_model(cfg, model, task, load_weights=False)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise LabError(f"{path} does not fit the model described by {run_dir}/{CONFIG_FILE}: {str(error)[:300]}") from None
+        raise LabError(
+            f"{path} does not fit the model described by {run_dir}/{CONFIG_FILE}: {_one_line(error, 300)}"
+        ) from None
     return cfg, task, model.eval()

@@ -8,8 +8,13 @@ from lab.data.datamodule import _loader
 
 
 class CurriculumStream(IterableDataset):
-    """Infinite batch stream; step ``s`` gives ``data[m].train_batch(s)`` with ``m`` from the
-    current phase's mix. ``start_step``/``rank``/``world_size`` are set by ``DataStepSync``."""
+    """Infinite stream of training steps; step ``s`` becomes ``data[m].train_batch(s)`` with ``m``
+    from the current phase's mix. ``start_step``/``rank``/``world_size`` are set by ``DataStepSync``.
+
+    The iterator yields only ``{"curriculum_step": s}``; the batch is built when the step is
+    actually trained (:meth:`CurriculumDataModule.on_before_batch_transfer`), because Lightning
+    prefetches one batch ahead and a phase may end in between.
+    """
 
     def __init__(self, data: dict, controller, seed: int) -> None:
         self.data, self.controller, self.seed = data, controller, seed
@@ -23,7 +28,7 @@ class CurriculumStream(IterableDataset):
     def __iter__(self):
         step = self.start_step
         while True:
-            yield self.batch(step)
+            yield {"curriculum_step": step}
             step += 1
 
 
@@ -38,6 +43,11 @@ class CurriculumDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         return _loader(self.train_stream)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if "curriculum_step" in batch:
+            return self.train_stream.batch(int(batch["curriculum_step"]))
+        return batch
 
     def val_dataloader(self):
         return [loader for dm in self.data.values() for loader in dm.val_dataloader()]

@@ -43,6 +43,7 @@ class Phase:
 class Regime:
     name: str
     phases: list[Phase] = field(default_factory=list)
+    best_monitor: str = "val/text_id_acc"  # metric that picks best.ckpt
 
     @property
     def modalities(self) -> list[str]:

@@ -93,8 +93,9 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
         decoder=task.vocab.decode,
         meta=runs.checkpoint_meta(task),
     )
+    regime.best_monitor = cfg.train.stop.monitor or regime.phases[-1].until or f"val/{primary}_id_acc"
     monitors = [f"val/{n}_acc" for n in datamodule.val_names]
-    for where, metric in [("train.stop.monitor", cfg.train.stop.monitor)] + [
+    for where, metric in [("train.stop.monitor", regime.best_monitor)] + [
         (f"phase {p.name!r} until", p.until) for p in regime.phases if p.until
     ]:
         if metric not in monitors:
@@ -107,7 +108,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, ex
     best = ModelCheckpoint(
         dirpath=run_dir,
         filename="best",
-        monitor=cfg.train.stop.monitor,
+        monitor=controller.regime.best_monitor,
         mode="max",
         save_top_k=1,
         enable_version_counter=False,
