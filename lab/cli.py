@@ -4,9 +4,16 @@ from __future__ import annotations
 import functools
 import sys
 
+from omegaconf import OmegaConf
+
 from lab.errors import LabError
 from lab.runs import unwrap_instantiation
 from tasks.retrieval import TaskConfigError
+
+
+# ``${first:a,b}``: the first value that is not null (used to put a resumed run's logs in its own
+# directory instead of a new one).
+OmegaConf.register_new_resolver("first", lambda *values: next((v for v in values if v is not None), None), replace=True)
 
 
 def user_errors_exit(fn):

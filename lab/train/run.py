@@ -163,9 +163,15 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     if ckpt_path is None:
         trainer.logger.log_hyperparams(_flat_hparams(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-    metrics = {"step": trainer.global_step, "phases": controller.history, **module.last_val_metrics}
+    latest = module.last_val_metrics or _saved_metrics(run_dir)  # a finished run resumed: nothing new ran
+    metrics = {"step": trainer.global_step, "phases": controller.history, **latest}
     log.info("finished at step %d: %s", trainer.global_step, json.dumps(_headline(metrics)))
     return metrics
+
+
+def _saved_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "step"} if path.is_file() else {}
 
 
 def _headline(metrics: dict) -> dict:
