@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -57,7 +58,7 @@ def create_trunk(name: str, model_kwargs: Mapping | None = None, pretrained_file
     timm = _timm()
     kwargs = dict(model_kwargs or {})
     if not timm.is_model(name):
-        stem = name.split("_")[0].rstrip("0123456789") or name
+        stem = re.match(r"[A-Za-z]*", name).group(0) or name
         close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         family = timm.list_models(f"{stem}*")[:10]
         raise EncoderConfigError(
@@ -364,6 +365,9 @@ def build_vision_model(cfg, backbone: ResidualModel, task=None, load_weights: bo
     if enc is None:
         raise LabError("an image run needs an encoder: add encoder=<name> (see conf/encoder/)")
     weights = str(_cfg_get(enc, "weights", "lab"))
+    _check_render(cfg)  # a canvas too small for the task is refused before any pretraining
+    if not _timm().is_model(str(_cfg_get(enc, "name"))):
+        create_trunk(str(_cfg_get(enc, "name")))  # raises the unknown-name error with suggestions
     if not load_weights:
         encoder = build_encoder(enc, "random")
     elif weights == "lab":
@@ -390,3 +394,13 @@ def _most_objects(cfg) -> int:
         return int(max(task["id_objects"][1], task["ood_objects"][1]))
     except (KeyError, TypeError, IndexError):
         return 0
+
+
+def _check_render(cfg) -> None:
+    from tasks.render import Renderer
+
+    render, task = cfg.get("render"), cfg.get("task")
+    if render is None or task is None:
+        return
+    r = _plain(render)
+    Renderer(int(task["n_colors"]), int(task["n_shapes"]), max_objects=_most_objects(cfg), **r)
