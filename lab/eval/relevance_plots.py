@@ -50,8 +50,7 @@ def relevance_figure(res: dict, op: str, title: str):
         lines.append(f"{score}: R={ci['r']:.2f}{ci_text} rho={c['spearman']['r']:.2f} tau={c['kendall']['r']:.2f}")
     for l in range(L):
         ax.annotate(str(l), (res["similarity"]["cosine_all"][l], rel[l]), fontsize=6, alpha=0.7)
-    ax.set(xscale="symlog", xlabel="similarity score (symlog)", ylabel="accuracy relevance",
-           title="Score vs relevance")
+    ax.set(xlabel="similarity score", ylabel="accuracy relevance", title="Score vs relevance")
     ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, fontsize=6.5, va="top")
     ax.legend(fontsize=7, loc="lower right")
 
@@ -59,6 +58,7 @@ def relevance_figure(res: dict, op: str, title: str):
     cos = np.asarray(res["similarity"]["cosine_all"], float)
     m = rank_confusion(cos, rel)
     ax.imshow(m, cmap="Greys", vmin=0, vmax=1)
+    ax.set_xticks(layers), ax.set_yticks(layers)
     ax.set(xlabel="rank by cosine_all (0 = most relevant)", ylabel="rank by accuracy relevance",
            title="Ranking confusion matrix")
     audit = entry["ranking"]["cosine_all"]["vs_relevance"]

@@ -76,6 +76,9 @@ for _name in ("llama", "mistral", "qwen2", "olmo", "olmo2"):
 PRESETS["tiny-mistral"]["sliding_window"] = 8  # exercise the sliding-window mask in tests
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _getattr_path(obj, name: str):
     for part in name.split("."):
         obj = getattr(obj, part)
@@ -151,10 +154,11 @@ class HFModel(ResidualModel):
         except (OSError, ValueError) as error:
             raise LabError(f"cannot load the model in {folder}: {str(error)[:300]}") from None
         tokenizer = None
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except Exception:  # noqa: BLE001 - no tokenizer files: the byte-level fallback is used
-            tokenizer = None
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):  # else transformers invents an empty one
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            except Exception:  # noqa: BLE001 - unreadable tokenizer: the byte/char fallback is used
+                tokenizer = None
         return cls(model, tokenizer, source=str(folder))
 
     # ------------------------------------------------------------------ interface
