@@ -38,6 +38,17 @@ def test_token_shapes(name, layer, size, kwargs, grid, dim):
     assert (enc.n_tokens, enc.dim, enc.grid) == (grid[0] * grid[1], dim, grid)
 
 
+def test_token_pooling():
+    enc = VisualEncoder("vit_tiny_patch16_224", None, 32, {"img_size": 32, "patch_size": 4, "depth": 1}, pool=2).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = enc(x)
+        raw = enc._raw_map(x)                                   # [B, 64, C] on an 8x8 grid
+    assert enc.grid == (4, 4) and tokens.shape == (2, 16, 192)
+    grid = raw.transpose(1, 2).reshape(2, 192, 8, 8)
+    assert torch.allclose(tokens[:, 0], grid[:, :, :2, :2].mean((-1, -2)), atol=1e-6)
+
+
 def test_cnn_tokens_are_flattened_feature_map():
     enc = VisualEncoder("resnet18", 2, 32).eval()
     x = torch.rand(2, 3, 32, 32)

@@ -137,9 +137,12 @@ class VisualEncoder(nn.Module):
         input_size: int = 48,
         model_kwargs: Mapping | None = None,
         pretrained_file: str | None = None,
+        pool: int = 1,
     ) -> None:
         super().__init__()
-        self.name, self.layer, self.input_size = name, layer, int(input_size)
+        self.name, self.layer, self.input_size, self.pool = name, layer, int(input_size), int(pool)
+        if self.pool < 1:
+            raise EncoderConfigError(f"encoder.pool must be >= 1, got {pool}")
         self.model_kwargs = dict(model_kwargs or {})
         self.trunk = create_trunk(name, self.model_kwargs, pretrained_file)
         self.num_prefix_tokens = int(getattr(self.trunk, "num_prefix_tokens", 0))
@@ -157,18 +160,33 @@ class VisualEncoder(nn.Module):
         with torch.no_grad():
             was = self.trunk.training
             self.trunk.eval()
-            fmap = self.feature_map(torch.zeros(1, 3, self.input_size, self.input_size))
+            fmap = self._raw_map(torch.zeros(1, 3, self.input_size, self.input_size))
             self.trunk.train(was)
-        self.grid = tuple(fmap.shape[-2:]) if fmap.dim() == 4 else None
-        if self.grid is None:  # token models: the patch grid, when the trunk has one
+        self._token_grid = None
+        if fmap.dim() == 3:  # token models: the patch grid, when the trunk has one
             grid = getattr(getattr(self.trunk, "patch_embed", None), "grid_size", None)
             if grid is not None and int(grid[0]) * int(grid[1]) == fmap.shape[1]:
-                self.grid = (int(grid[0]), int(grid[1]))
+                self._token_grid = (int(grid[0]), int(grid[1]))
+            elif self.pool > 1:
+                raise EncoderConfigError(f"encoder.pool={pool} needs a spatial token grid, which {name!r} lacks")
+        with torch.no_grad():
+            fmap = self.feature_map(torch.zeros(1, 3, self.input_size, self.input_size))
+        self.grid = tuple(fmap.shape[-2:]) if fmap.dim() == 4 else self._token_grid
         self.n_tokens = fmap.shape[2] * fmap.shape[3] if fmap.dim() == 4 else fmap.shape[1]
         self.dim = fmap.shape[1] if fmap.dim() == 4 else fmap.shape[2]
 
     def feature_map(self, images: Tensor) -> Tensor:
-        """[B, C, h, w] for spatial maps, or [B, N, C] tokens (prefix removed) for token models."""
+        """[B, C, h, w] for spatial maps, or [B, N, C] tokens (prefix removed) for token models;
+        with ``pool > 1`` the grid is average-pooled by that factor (always [B, C, h, w])."""
+        fmap = self._raw_map(images)
+        if self.pool == 1:
+            return fmap
+        if fmap.dim() == 3:
+            h, w = self._token_grid
+            fmap = fmap.transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], h, w)
+        return torch.nn.functional.avg_pool2d(fmap, self.pool, ceil_mode=True)
+
+    def _raw_map(self, images: Tensor) -> Tensor:
         x = (images - self.mean) / self.std
         if self.layer is not None:
             return self.trunk.forward_intermediates(x, indices=[int(self.layer)], intermediates_only=True)[0]
@@ -185,7 +203,8 @@ class VisualEncoder(nn.Module):
 
     def describe(self) -> dict:
         """What identifies this encoder's architecture (for cache keys)."""
-        return {"name": self.name, "layer": self.layer, "input_size": self.input_size, "model_kwargs": self.model_kwargs}
+        return {"name": self.name, "layer": self.layer, "input_size": self.input_size, "model_kwargs": self.model_kwargs,
+                "pool": self.pool}
 
     def weights_hash(self) -> str:
         h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
@@ -341,7 +360,7 @@ def build_encoder(enc_cfg, weights: str | None = None) -> VisualEncoder:
     weights = str(weights if weights is not None else _cfg_get(enc_cfg, "weights", "random"))
     name = str(_cfg_get(enc_cfg, "name"))
     kwargs = dict(name=name, layer=_cfg_get(enc_cfg, "layer"), input_size=int(_cfg_get(enc_cfg, "input_size", 48)),
-                  model_kwargs=_plain(_cfg_get(enc_cfg, "model_kwargs", {})))
+                  model_kwargs=_plain(_cfg_get(enc_cfg, "model_kwargs", {})), pool=int(_cfg_get(enc_cfg, "pool", 1)))
     if weights == "timm":
         if not _timm().is_model(name):
             create_trunk(name)  # raises the unknown-name error

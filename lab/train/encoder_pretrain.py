@@ -79,6 +79,7 @@ def pretrain_spec(cfg) -> dict:
             "layer": enc.get("layer"),
             "input_size": int(enc.input_size),
             "model_kwargs": _plain(enc.get("model_kwargs") or {}),
+            **({"pool": int(enc.pool)} if int(enc.get("pool") or 1) > 1 else {}),
         },
         "render": render_settings(cfg),
         "task": {"n_colors": int(cfg.task.n_colors), "n_shapes": int(cfg.task.n_shapes), "max_objects": max_objects(cfg)},
