@@ -31,6 +31,7 @@ from lab.models.backbone import Backbone  # noqa: E402
 from tasks.retrieval import RetrievalTask  # noqa: E402
 
 
+@torch.no_grad()
 def naive_scan(model, batches):
     """Full forward + one full forward per removed block (blocks 0..l-1 recomputed each time)."""
     out = {"full": [model.answer_logits(b) for b in batches]}
@@ -39,6 +40,7 @@ def naive_scan(model, batches):
     return out
 
 
+@torch.no_grad()
 def cached_scan(model, batches):
     """One full forward capturing every h_l; the ablation of block l starts from h_l."""
     ablator = Ablator(model, "skip")
@@ -53,17 +55,19 @@ def cached_scan(model, batches):
     return out
 
 
+@torch.no_grad()
 def naive_pruning(model, batches, steps):
     removed = []
     for _ in range(steps):
-        best = None
+        scores = {}
         for l in (x for x in range(model.n_layers) if x not in removed):
-            acc = sum(float((model.answer_logits(b, skip=removed + [l]).argmax(-1) == b["targets"]).sum()) for b in batches)
-            best = max(best or (acc, l), (acc, -l)) if best else (acc, -l)
-        removed.append(-best[1])
+            scores[l] = sum(float((model.answer_logits(b, skip=removed + [l]).argmax(-1) == b["targets"]).sum())
+                            for b in batches)
+        removed.append(max(scores, key=lambda l: (scores[l], -l)))
     return removed
 
 
+@torch.no_grad()
 def cached_pruning(model, batches, steps):
     ablator = Ablator(model, "skip")
     removed = []
@@ -89,10 +93,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a run directory (default: a randomly initialised 12-layer paper model)")
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--split", default="ood")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pruning", action="store_true", help="also time greedy iterative pruning (3 steps)")
     parser.add_argument("--json", help="write the measurements to this file")
     args = parser.parse_args()
