@@ -17,11 +17,11 @@ from lab.eval.snowball import AMPLIFIER, LOUD, TINY, SnowballModel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _score(model, n=256):
+def _score(model, n=128):
     task, data = model.evaluation_data(128, n_samples=n)
     calib, evaluation, mask = halves(data["text"].eval_batches("id"))
     r = task.chance_accuracy(None)
-    return score_split(model, calib, evaluation, r, r, operators=["skip", "mean"], n_boot=50), calib
+    return score_split(model, calib, evaluation, r, r, operators=["skip", "mean"], n_boot=10), calib
 
 
 @pytest.mark.parametrize("epsilon", [1e-2, 1e-3, 1e-5])
@@ -81,8 +81,8 @@ def test_evaluate_experiment_snowball(tmp_path):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[
-            "experiment=snowball", f"out_dir={tmp_path}", "evaluators.layer_relevance.n_boot=20",
-            "evaluators.pruning.random_repeats=2",
+            "experiment=snowball", f"out_dir={tmp_path}", "evaluators.layer_relevance.n_boot=10",
+            "evaluators.layer_relevance.operators=[skip]", "evaluators.pruning.random_repeats=1",
         ])
     evaluate_run(cfg)
     payload = json.loads((tmp_path / "layer_relevance.json").read_text())
