@@ -70,9 +70,9 @@ def naive_pruning(model, batches, steps):
 @torch.no_grad()
 def cached_pruning(model, batches, steps):
     ablator = Ablator(model, "skip")
-    removed = []
+    removed, state = [], None
     for _ in range(steps):
-        state = ablator.prune(batches, removed)
+        state = ablator.prune(batches, removed, reuse=state)  # shares h_0..h_b with the previous step
         cands = ablator.candidates(state, batches)
         best = max(cands, key=lambda l: (float(cands[l].correct.sum()), -l))
         removed.append(best)

@@ -186,3 +186,20 @@ def test_bad_evaluator_options_are_lab_errors():
         LayerRelevanceEvaluator(operators=["zero"])
     with pytest.raises(LabError, match="criterion"):
         PruningEvaluator(criteria=["magic"])
+
+
+@pytest.mark.parametrize("operator", ["skip", "mean"])
+def test_iterative_prefix_reuse_equals_a_fresh_pruned_run(small, operator):
+    _, model, data = small
+    batches = list(data.eval_batches("id"))
+    ablator = Ablator(model, operator, mean_batches=batches)
+    means = ablator.mean_updates(frozenset(), {}) if operator == "mean" else {}
+    first = ablator.prune(batches, [2], {2: means[2]} if means else {})
+    kept = {l: means[l] for l in (2, 1)} if means else {}
+    reused = ablator.prune(batches, [2, 1], kept, reuse=first)
+    fresh = ablator.prune(batches, [2, 1], kept)
+    for a, b in zip(reused.logits, fresh.logits):
+        torch.testing.assert_close(a, b)
+    for sa, sb in zip(reused.states, fresh.states):
+        for l in sa:
+            torch.testing.assert_close(sa[l], sb[l])

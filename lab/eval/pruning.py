@@ -80,7 +80,7 @@ def prune_order(model, calib, criterion: str, mode: str, operator: str, n_remove
             means[layer] = ablator.mean_updates(state.removed, state.means)[layer]
         removed.append(layer)
         trace.append({"removed": layer, "scores": scores, "calibration_accuracy_before": state.outcome.accuracy})
-        state = ablator.prune(calib, removed, means)
+        state = ablator.prune(calib, removed, means, reuse=state)  # h_0..h_layer are unchanged
     return removed, means, trace
 
 

@@ -192,17 +192,36 @@ class Ablator:
 
     # -- runs ------------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, batches: Sequence[dict], removed: Iterable[int] = (), means: dict[int, Tensor] | None = None) -> PrunedState:
-        """Run the model with ``removed`` blocks ablated, capturing every h_l (the prefix cache)."""
+    def prune(self, batches: Sequence[dict], removed: Iterable[int] = (), means: dict[int, Tensor] | None = None,
+              reuse: PrunedState | None = None) -> PrunedState:
+        """Run the model with ``removed`` blocks ablated, capturing every h_l (the prefix cache).
+
+        ``reuse``: the state of a model pruned by a subset of ``removed`` on the same batches
+        (the previous step of iterative pruning): h_0..h_b are shared up to the first newly
+        removed block b, so only blocks b.. are recomputed.
+        """
         removed = frozenset(removed)
         means = dict(means or {})
+        start = 0
+        if reuse is not None and reuse.removed <= removed and len(reuse.states) == len(batches):
+            new = removed - reuse.removed
+            start = min(new) if new else self.L
         streams, states, logits = [], [], []
-        for batch in batches:
-            stream = self.model.embed(batch)
-            out = self.model.run(stream=stream, skip=removed, edits=self._edits(removed, means, -1),
-                                 capture=range(self.L + 1), positions=batch["answer_pos"])
+        for i, batch in enumerate(batches):
+            if start > 0:
+                stream = reuse.streams[i]
+                out = self.model.run(stream=stream.with_h(reuse.states[i][start]), start=start, skip=removed,
+                                     edits=self._edits(removed, means, start), capture=range(start, self.L + 1),
+                                     positions=batch["answer_pos"])
+                captured = {l: reuse.states[i][l] for l in range(start)}
+                captured.update(out.captured)
+            else:
+                stream = self.model.embed(batch)
+                out = self.model.run(stream=stream, skip=removed, edits=self._edits(removed, means, -1),
+                                     capture=range(self.L + 1), positions=batch["answer_pos"])
+                captured = out.captured
             streams.append(stream)
-            states.append(out.captured)
+            states.append(captured)
             logits.append(out.logits)
         return PrunedState(removed, streams, states, logits, _outcome(logits, batches), means)
 
