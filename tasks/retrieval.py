@@ -39,6 +39,11 @@ class RetrievalSample:
     query_position: int                      # position of the query colour (the last token)
     ctx_end_position: int
     noise_positions: list[int] = field(default_factory=list)
+    # Training-only follow-up queries (task.train_queries > 1): tokens that continue the prompt as
+    # ``i_q [QUE] c_2 i_2 [QUE] c_3 ...`` and, for each extra query, (position, answer token id)
+    # with positions counted in the continued sequence ``tokens + followup_tokens``.
+    followup_tokens: list[int] = field(default_factory=list)
+    followup_answers: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def answer_item(self) -> int:
@@ -70,6 +75,7 @@ class RetrievalTask:
         ood_objects=(9, 16),
         noise_tokens=(0, 0),
         eval_size: int = 512,
+        train_queries: int = 1,
         seed: int = 0,
     ) -> None:
         self.n_colors, self.n_shapes, self.n_items = int(n_colors), int(n_shapes), int(n_items)
@@ -77,6 +83,7 @@ class RetrievalTask:
         self.ood_objects = _as_range(ood_objects, "task.ood_objects")
         self.noise_tokens = _as_range(noise_tokens, "task.noise_tokens")
         self.eval_size, self.seed = int(eval_size), int(seed)
+        self.train_queries = int(train_queries)
         self._validate()
         self.vocab = Vocab(
             list(SPECIAL_TOKENS)
@@ -110,6 +117,8 @@ class RetrievalTask:
                 )
         if self.noise_tokens[0] < 0:
             raise TaskConfigError(f"task.noise_tokens must be >= 0, got {list(self.noise_tokens)}")
+        if self.train_queries < 1:
+            raise TaskConfigError(f"task.train_queries must be >= 1, got {self.train_queries}")
         if self.eval_size < 1:
             raise TaskConfigError(f"task.eval_size must be >= 1, got {self.eval_size}")
 
@@ -123,7 +132,7 @@ class RetrievalTask:
     def max_prompt_len(self) -> int:
         """Longest prompt any split can produce (for sizing positional tables)."""
         most = max(self.id_objects[1], self.ood_objects[1])
-        return 4 * most + 4 + self.noise_tokens[1]
+        return 4 * most + 4 + self.noise_tokens[1] + 3 * (self.train_queries - 1)
 
     @property
     def answer_token_ids(self) -> list[int]:
@@ -133,7 +142,26 @@ class RetrievalTask:
         """The training samples of one step: a pure function of (seed, step)."""
         rng = np.random.default_rng([self.seed, _STREAM_TRAIN, int(step)])
         lo, hi = self.id_objects
-        return [self.sample(rng, int(rng.integers(lo, hi + 1)), noise) for _ in range(batch_size)]
+        batch = [self.sample(rng, int(rng.integers(lo, hi + 1)), noise) for _ in range(batch_size)]
+        if self.train_queries > 1:
+            for sample in batch:
+                self._add_followups(rng, sample)
+        return batch
+
+    def _add_followups(self, rng: np.random.Generator, sample: RetrievalSample) -> None:
+        """Extra supervision for training: after the answer, query up to ``train_queries - 1``
+        further objects. The first query (what evaluation asks) is unchanged, and causal models
+        cannot see the follow-ups from it."""
+        others = [i for i in rng.permutation(sample.n_objects).tolist() if i != sample.query_object]
+        tokens, answers = [sample.answer], []
+        position = len(sample.tokens) + 1
+        for obj in others[: self.train_queries - 1]:
+            tokens += [self.vocab[QUE], self._color0 + sample.colors[obj]]
+            position += 2
+            answers.append((position - 1, self._item0 + sample.items[obj]))
+            tokens.append(self._item0 + sample.items[obj])
+            position += 1
+        sample.followup_tokens, sample.followup_answers = tokens[:-1], answers
 
     def eval_set(self, split: str, noise: bool = True) -> list[RetrievalSample]:
         """A fixed evaluation set for a split, balanced over the number of objects."""

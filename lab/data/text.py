@@ -13,20 +13,30 @@ def collate_text(samples: Sequence[RetrievalSample], pad_id: int) -> dict[str, t
 
     Keys: ``tokens`` [B, T], ``attend`` [B, T] (False on padding and noise tokens),
     ``answer_pos`` [B] (the last prompt token, where the answer is read), ``targets`` [B],
-    ``n_objects`` [B].
+    ``n_objects`` [B]. Training samples with follow-up queries also give ``extra_answer_pos`` and
+    ``extra_targets`` [B, K] (-1 where a sample has fewer), read only by the training loss.
     """
-    B, T = len(samples), max(len(s.tokens) for s in samples)
+    sequences = [s.tokens + s.followup_tokens for s in samples]
+    B, T = len(samples), max(len(seq) for seq in sequences)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     attend = torch.zeros(B, T, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
-        attend[i, : len(s.tokens)] = True
+    for i, (s, seq) in enumerate(zip(samples, sequences)):
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        attend[i, : len(seq)] = True
         if s.noise_positions:
             attend[i, s.noise_positions] = False
-    return {
+    batch = {
         "tokens": tokens,
         "attend": attend,
         "answer_pos": torch.tensor([s.query_position for s in samples]),
         "targets": torch.tensor([s.answer for s in samples]),
         "n_objects": torch.tensor([s.n_objects for s in samples]),
     }
+    K = max(len(s.followup_answers) for s in samples)
+    if K:
+        extra = torch.full((2, B, K), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            if s.followup_answers:
+                extra[:, i, : len(s.followup_answers)] = torch.tensor(s.followup_answers).T
+        batch["extra_answer_pos"], batch["extra_targets"] = extra[0], extra[1]
+    return batch

@@ -73,8 +73,11 @@ class RetrievalModule(L.LightningModule):
         return self.model.answer_logits(batch)
 
     def training_step(self, batch, batch_idx):
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["targets"])
+        if "extra_answer_pos" in batch:
+            logits, loss = self._multi_query_loss(batch)
+        else:
+            logits = self(batch)
+            loss = F.cross_entropy(logits, batch["targets"])
         if self._logging_step():
             acc = (logits.argmax(-1) == batch["targets"]).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
@@ -90,6 +93,16 @@ class RetrievalModule(L.LightningModule):
             return True
         n = trainer.log_every_n_steps
         return n > 0 and (self.global_step + 1) % n == 0
+
+    def _multi_query_loss(self, batch):
+        """Cross-entropy averaged over the first query and every follow-up query of the batch."""
+        positions = torch.cat([batch["answer_pos"][:, None], batch["extra_answer_pos"]], dim=1)
+        targets = torch.cat([batch["targets"][:, None], batch["extra_targets"]], dim=1)
+        all_logits = self.model.run(batch).logits  # [B, T, V]
+        rows = torch.arange(len(all_logits), device=all_logits.device)[:, None].expand_as(positions)
+        valid = targets >= 0
+        loss = F.cross_entropy(all_logits[rows[valid], positions[valid]], targets[valid])
+        return all_logits[rows[:, 0], positions[:, 0]], loss
 
     def on_validation_epoch_start(self) -> None:
         self._val = {name: AnswerAccuracy() for name in self.val_names}
