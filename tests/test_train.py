@@ -67,6 +67,18 @@ def test_run_directory_holds_everything(tiny_run):
     assert last["lab_meta"]["task"] == "retrieval" and len(last["lab_meta"]["vocab"]) == 6 + 8 + 8 + 8
 
 
+def test_training_metrics_reach_tensorboard(tiny_run):
+    """train/loss, train/acc, train/lr are written every trainer.log_every_n_steps (25) steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run.dir / "tensorboard"))
+    events.Reload()
+    for tag in ("train/loss", "train/acc", "train/lr"):
+        assert [e.step for e in events.Scalars(tag)] == [24, 49], tag
+    # The loss logged at Lightning's step 24 is the loss of the 25th training step.
+    assert events.Scalars("train/loss")[0].value == pytest.approx(tiny_run.losses[24], rel=1e-6)
+
+
 def test_existing_run_directory_is_refused_untouched(tiny_run):
     before = snapshot(tiny_run.dir)
     with pytest.raises(LabError, match="already holds a run.*resume="):
