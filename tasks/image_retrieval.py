@@ -143,6 +143,9 @@ class ImageRetrieval:
             n = int(rng.integers(lo, hi + 1))
             k = int(rng.integers(self.pool_size))
             out.append(self.sample(rng, self.pool(n)[k], ("pool", n, k)))
+        if getattr(self.task, "train_queries", 1) > 1:  # follow-up queries, as for text training
+            for sample in out:
+                self.task._add_followups(rng, sample)
         return out
 
     def eval_set(self, split: str) -> list[ImageRetrievalSample]:
@@ -160,4 +163,4 @@ class ImageRetrieval:
     @property
     def max_prompt_len(self) -> int:
         most = max(self.task.id_objects[1], self.task.ood_objects[1])
-        return 1 + self.n_image_tokens + 1 + 2 * most + 2
+        return 1 + self.n_image_tokens + 1 + 2 * most + 2 + 3 * (getattr(self.task, "train_queries", 1) - 1)

@@ -110,3 +110,19 @@ def test_config_errors(task, encoder):
         ImageDataModule(task, 8, 8, render=RENDER)
     with pytest.raises(LabError, match="canvas_size"):
         ImageDataModule(task, 8, 8, encoder=encoder, render={**RENDER, "canvas_size": 40})
+
+
+def test_follow_up_queries_in_image_training(encoder):
+    task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=(2, 4), ood_objects=(5, 6), eval_size=8,
+                         seed=3, train_queries=3)
+    dm = make(task, encoder)
+    batch = dm.train_batch(0)
+    v = task.vocab
+    for i in range(len(batch["targets"])):
+        t = batch["tokens"][i]
+        a = int(batch["answer_pos"][i])
+        assert int(t[a + 1]) == int(batch["targets"][i])            # the first answer continues the prompt
+        for pos, target in zip(batch["extra_answer_pos"][i].tolist(), batch["extra_targets"][i].tolist()):
+            if pos >= 0:
+                assert v.decode([t[pos - 1]])[0] == "[QUE]" and v.decode([target])[0].startswith("item_")
+    assert (batch["tokens"] == v["[IMG]"]).sum(1).eq(encoder.n_tokens).all()

@@ -396,7 +396,7 @@ def build_vision_model(cfg, backbone: ResidualModel, task=None, load_weights: bo
         encoder = build_encoder(enc, str(path))
     else:
         encoder = build_encoder(enc, weights)
-    longest = 1 + encoder.n_tokens + 1 + 2 * _most_objects(cfg) + 2
+    longest = 1 + encoder.n_tokens + 1 + 2 * _most_objects(cfg) + 2 + 3 * (int((cfg.get("task") or {}).get("train_queries", 1) or 1) - 1)
     if getattr(backbone, "max_len", longest) < longest:
         raise LabError(
             f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
