@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 
 from omegaconf import OmegaConf
@@ -14,6 +15,18 @@ from tasks.retrieval import TaskConfigError
 # ``${first:a,b}``: the first value that is not null (used to put a resumed run's logs in its own
 # directory instead of a new one).
 OmegaConf.register_new_resolver("first", lambda *values: next((v for v in values if v is not None), None), replace=True)
+
+
+def short_name(text: str, limit: int = 96) -> str:
+    """A directory name from ``text``: unchanged when short, else truncated plus a hash of the whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+# ``${short_name:...}`` keeps multirun job directories (named after their overrides) within
+# file-name limits.
+OmegaConf.register_new_resolver("short_name", short_name, replace=True)
 
 
 def user_errors_exit(fn):
