@@ -13,7 +13,7 @@ text evaluation set), each with its own seeded layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

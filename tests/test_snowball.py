@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lab.errors import LabError
-from lab.eval.base import EvalContext
 from lab.eval.layer_relevance import score_split
 from lab.eval.pruning import prune_order
 from lab.eval.relevance import Ablator, halves

@@ -40,3 +40,28 @@ def collate_text(samples: Sequence[RetrievalSample], pad_id: int) -> dict[str, t
                 extra[:, i, : len(s.followup_answers)] = torch.tensor(s.followup_answers).T
         batch["extra_answer_pos"], batch["extra_targets"] = extra[0], extra[1]
     return batch
+
+
+class FixedLengthData:
+    """Evaluation batches for tasks whose samples are equal-length ``tokens`` with the ``answer``
+    read at the last position (the text-file task, the snowball task)."""
+
+    modality = "text"
+
+    def __init__(self, task, batch_size: int, n_objects: int = 0) -> None:
+        self.task, self.batch_size, self.n_objects = task, batch_size, n_objects
+
+    def eval_batches(self, split: str) -> list[dict]:
+        samples = self.task.eval_set(split)
+        out = []
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i : i + self.batch_size]
+            tokens = torch.tensor([s.tokens for s in chunk])
+            out.append({
+                "tokens": tokens,
+                "attend": torch.ones_like(tokens, dtype=torch.bool),
+                "answer_pos": torch.full((len(chunk),), tokens.shape[1] - 1),
+                "targets": torch.tensor([s.answer for s in chunk]),
+                "n_objects": torch.full((len(chunk),), self.n_objects, dtype=torch.long),
+            })
+        return out

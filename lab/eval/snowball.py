@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lab.data.text import FixedLengthData
 from lab.errors import LabError
 from lab.models.interface import ResidualModel, Stream
 
@@ -92,7 +93,7 @@ class SnowballModel(ResidualModel):
     def evaluation_data(self, batch_size: int = 256, n_samples: int = 512, seq_len: int = 6, seed: int = 0):
         """(task, {modality: data}) for the evaluators: balanced random class prompts."""
         task = SnowballTask(self.n_classes, n_samples, seq_len, seed)
-        return task, {"text": SnowballData(task, batch_size)}
+        return task, {"text": FixedLengthData(task, batch_size, n_objects=1)}
 
 
 @dataclass
@@ -125,25 +126,3 @@ class SnowballTask:
 
     def chance_accuracy(self, samples) -> float:
         return 1.0 / self.n_classes
-
-
-class SnowballData:
-    modality = "text"
-
-    def __init__(self, task: SnowballTask, batch_size: int) -> None:
-        self.task, self.batch_size = task, batch_size
-
-    def eval_batches(self, split: str) -> list[dict]:
-        samples = self.task.eval_set(split)
-        out = []
-        for i in range(0, len(samples), self.batch_size):
-            chunk = samples[i : i + self.batch_size]
-            tokens = torch.tensor([s.tokens for s in chunk])
-            out.append({
-                "tokens": tokens,
-                "attend": torch.ones_like(tokens, dtype=torch.bool),
-                "answer_pos": torch.full((len(chunk),), tokens.shape[1] - 1),
-                "targets": torch.tensor([s.answer for s in chunk]),
-                "n_objects": torch.ones(len(chunk), dtype=torch.long),
-            })
-        return out

@@ -30,14 +30,15 @@ def _data(cfg: DictConfig, model):
     data_cfg = cfg.get("data") or {}
     batch_size = int(cfg.batch_size)
     if data_cfg.get("text_file"):
-        from lab.eval.text_file import TextFileData, TextFileTask
+        from lab.data.text import FixedLengthData
+        from lab.eval.text_file import TextFileTask
 
         task = TextFileTask(
             data_cfg.text_file, seq_len=data_cfg.get("seq_len", 64), stride=data_cfg.get("stride"),
             n_samples=data_cfg.get("n_samples", 512), tokenizer=data_cfg.get("tokenizer", "auto"),
             hf_tokenizer=getattr(model, "tokenizer", None), vocab_size=getattr(model, "vocab_size", 2**31),
         )
-        return task, {"text": TextFileData(task, batch_size)}
+        return task, {"text": FixedLengthData(task, batch_size)}
     if cfg.get("task") is not None:
         from lab.data.datamodule import TextDataModule
 

@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from lab.errors import LabError
 
@@ -98,25 +97,3 @@ class TextFileTask:
     def chance_accuracy(self, samples) -> float:
         counts = Counter(s.answer for s in samples)
         return max(counts.values()) / len(samples) if samples else 0.0
-
-
-class TextFileData:
-    modality = "text"
-
-    def __init__(self, task: TextFileTask, batch_size: int) -> None:
-        self.task, self.batch_size = task, batch_size
-
-    def eval_batches(self, split: str) -> list[dict]:
-        samples = self.task.eval_set(split)
-        out = []
-        for i in range(0, len(samples), self.batch_size):
-            chunk = samples[i : i + self.batch_size]
-            tokens = torch.tensor([s.tokens for s in chunk])
-            out.append({
-                "tokens": tokens,
-                "attend": torch.ones_like(tokens, dtype=torch.bool),
-                "answer_pos": torch.full((len(chunk),), tokens.shape[1] - 1),
-                "targets": torch.tensor([s.answer for s in chunk]),
-                "n_objects": torch.zeros(len(chunk), dtype=torch.long),
-            })
-        return out

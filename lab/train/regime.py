@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lab.errors import LabError
 from lab.train.module import warmup_cosine
