@@ -56,6 +56,8 @@ class RetrievalModule(L.LightningModule):
         warmup_steps: int = 200,
         total_steps: int = 10000,
         lr_factor=None,
+        aux=None,
+        aux_weight: float = 0.0,
         val_names: list[str] | None = None,
         decoder=None,
     ) -> None:
@@ -64,6 +66,7 @@ class RetrievalModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         # LR multiplier per global step; default warm-up + cosine over ``total_steps``.
         self.lr_factor = lr_factor or warmup_cosine(warmup_steps, total_steps)
+        self.aux, self.aux_weight = aux, float(aux_weight)  # optional AuxiliaryObjective (image batches)
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
         self._val: dict[str, AnswerAccuracy] = {}
@@ -73,11 +76,22 @@ class RetrievalModule(L.LightningModule):
         return self.model.answer_logits(batch)
 
     def training_step(self, batch, batch_idx):
-        if "extra_answer_pos" in batch:
-            logits, loss = self._multi_query_loss(batch)
+        use_aux = self.aux is not None and "object_corners" in batch
+        multi = "extra_answer_pos" in batch
+        out = self.model.run(
+            batch,
+            positions=None if multi else batch["answer_pos"],
+            capture=sorted({0, self.aux.layer}) if use_aux else (),
+        )
+        if multi:
+            logits, loss = self._multi_query_loss(batch, out.logits)
         else:
-            logits = self(batch)
-            loss = F.cross_entropy(logits, batch["targets"])
+            logits, loss = out.logits, F.cross_entropy(out.logits, batch["targets"])
+        if use_aux:
+            aux_loss = self.aux.loss(self.model, batch, out.captured)
+            loss = loss + self.aux_weight * aux_loss
+            if self._logging_step():
+                self.log("train/aux_loss", aux_loss)
         if self._logging_step():
             acc = (logits.argmax(-1) == batch["targets"]).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
@@ -94,11 +108,13 @@ class RetrievalModule(L.LightningModule):
         n = trainer.log_every_n_steps
         return n > 0 and (self.global_step + 1) % n == 0
 
-    def _multi_query_loss(self, batch):
-        """Cross-entropy averaged over the first query and every follow-up query of the batch."""
+    def _multi_query_loss(self, batch, all_logits=None):
+        """Cross-entropy averaged over the first query and every follow-up query of the batch;
+        ``all_logits`` [B, T, V] if the forward pass was already run. Returns (first-query logits, loss)."""
         positions = torch.cat([batch["answer_pos"][:, None], batch["extra_answer_pos"]], dim=1)
         targets = torch.cat([batch["targets"][:, None], batch["extra_targets"]], dim=1)
-        all_logits = self.model.run(batch).logits  # [B, T, V]
+        if all_logits is None:
+            all_logits = self.model.run(batch).logits  # [B, T, V]
         rows = torch.arange(len(all_logits), device=all_logits.device)[:, None].expand_as(positions)
         valid = targets >= 0
         loss = F.cross_entropy(all_logits[rows[valid], positions[valid]], targets[valid])

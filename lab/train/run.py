@@ -14,6 +14,7 @@ from lab import runs
 from lab.errors import LabError
 from lab.data.curriculum import CurriculumDataModule
 from lab.models.visual import build_vision_model, image_data_kwargs, uses_images
+from lab.train.aux import AuxiliaryObjective
 from lab.train.callbacks import DataStepSync, MetricsFile
 from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
 from lab.train.module import RetrievalModule
@@ -88,6 +89,8 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
         weight_decay=cfg.train.weight_decay,
         betas=cfg.train.betas,
         lr_factor=phase_lr_factor(controller, cfg.train.warmup_steps, cfg.train.lr),
+        aux=_auxiliary(cfg, model, task),
+        aux_weight=cfg.train.aux.weight,
         val_names=datamodule.val_names,
         decoder=task.vocab.decode,
         meta=runs.checkpoint_meta(task),
@@ -101,6 +104,17 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
             raise LabError(f"{where}={metric!r} is not a validation metric; choose one of {monitors}")
     log.info("regime %s: %s", regime.name, " -> ".join(f"{p.name}{p.mix}" for p in regime.phases))
     return task, datamodule, module, controller
+
+
+def _auxiliary(cfg: DictConfig, model, task):
+    """The optional colour/shape <-> image-token objective, when ``train.aux.weight > 0``."""
+    if cfg.train.aux.weight < 0:
+        raise LabError(f"train.aux.weight must be >= 0, got {cfg.train.aux.weight}")
+    if cfg.train.aux.weight == 0:
+        return None
+    if not uses_images(cfg):
+        raise LabError("train.aux.weight > 0 needs image data (modality=image or an image regime)")
+    return AuxiliaryObjective(model, task, cfg.render, cfg.train.aux.layer)
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
