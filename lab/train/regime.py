@@ -46,13 +46,6 @@ class Regime:
     best_monitor: str = "val/text_id_acc"  # metric that picks best.ckpt
 
     @property
-    def modalities(self) -> list[str]:
-        seen: list[str] = []
-        for phase in self.phases:
-            seen += [m for m in phase.mix if m not in seen]
-        return seen
-
-    @property
     def max_steps(self) -> int:
         return sum(p.max_steps for p in self.phases)
 

@@ -78,9 +78,6 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
     regime = parse_regime(cfg, primary, list(data))
     if cfg.regime.get("match_steps_of"):
         regime = match_steps(regime, cfg.regime.match_steps_of, cfg.train.val_every)
-    missing = [m for m in regime.modalities if m not in data]
-    if missing:
-        raise LabError(f"regime {regime.name!r} uses modalities {missing} that have no data config")
     controller = PhaseController(regime, run_dir, cfg.train.stop.threshold, cfg.train.stop.patience)
     datamodule = CurriculumDataModule(data, controller, cfg.seed)
     module = LabModule(
