@@ -142,6 +142,12 @@ def check_checkpoint_matches(checkpoint: dict, task, path) -> None:
 
 def load_trained_model(run_dir: str | Path, which: str = "best"):
     """Rebuild (cfg, task, model) from a run directory; the model is in eval mode on CPU."""
+    cfg, task, model, _ = load_trained_run(run_dir, which)
+    return cfg, task, model
+
+
+def load_trained_run(run_dir: str | Path, which: str = "best"):
+    """Like :func:`load_trained_model`, plus the global step the checkpoint was saved at."""
     cfg = load_config(run_dir)
     task = build_task(cfg)
     path = checkpoint_path(run_dir, which)
@@ -160,4 +166,4 @@ def load_trained_model(run_dir: str | Path, which: str = "best"):
         raise LabError(
             f"{path} does not fit the model described by {run_dir}/{CONFIG_FILE}: {_one_line(error, 300)}"
         ) from None
-    return cfg, task, model.eval()
+    return cfg, task, model.eval(), int(checkpoint.get("global_step", 0))

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import IterableDataset
 
-from lab.data.datamodule import _loader
+from lab.data.datamodule import StepStream, _loader
 
 
-class CurriculumStream(IterableDataset):
+class CurriculumStream(StepStream):
     """Infinite stream of training steps; step ``s`` becomes ``data[m].train_batch(s)`` with ``m``
     from the current phase's mix. ``start_step``/``rank``/``world_size`` are set by ``DataStepSync``.
 
@@ -17,19 +16,16 @@ class CurriculumStream(IterableDataset):
     """
 
     def __init__(self, data: dict, controller, seed: int) -> None:
+        super().__init__()
         self.data, self.controller, self.seed = data, controller, seed
-        self.start_step, self.rank, self.world_size = 0, 0, 1
 
     def batch(self, step: int) -> dict:
         phase = self.controller.phase
         modality = phase.modality_at(self.seed, step)
-        return self.data[modality].train_batch(step * self.world_size + self.rank, noise=phase.noise)
+        return self.data[modality].train_batch(self.index(step), noise=phase.noise)
 
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield {"curriculum_step": step}
-            step += 1
+    def item(self, step: int) -> dict:
+        return {"curriculum_step": step}
 
 
 class CurriculumDataModule(L.LightningDataModule):

@@ -10,27 +10,42 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from lab.data.text import collate_text
 
 
-class StepBatches(IterableDataset):
-    """Infinite stream of training batches; batch ``s`` depends only on (task seed, s).
+class StepStream(IterableDataset):
+    """Infinite stream over training steps, yielding ``item(step)`` from ``start_step`` on.
 
-    ``start_step`` is set from the trainer's global step when training (re)starts, so a
-    resumed run sees exactly the batches an uninterrupted run would.
+    ``start_step`` is set from the trainer's global step when training (re)starts (and
+    ``rank``/``world_size`` under DDP) by ``DataStepSync``, so a resumed run sees exactly the
+    batches an uninterrupted run would. Subclasses implement ``batch(index)``.
     """
 
-    def __init__(self, task, batch_size: int, collate: Callable, noise: bool = True) -> None:
-        self.task, self.batch_size, self.collate, self.noise = task, batch_size, collate, noise
+    def __init__(self) -> None:
         self.start_step, self.rank, self.world_size = 0, 0, 1
+
+    def index(self, step: int) -> int:
+        """The batch index of ``step`` on this rank: each DDP rank draws its own batches."""
+        return step * self.world_size + self.rank
+
+    def item(self, step: int):
+        return self.batch(self.index(step))
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.item(step)
+            step += 1
+
+
+class StepBatches(StepStream):
+    """Training batches of a text task; batch ``index`` depends only on (task seed, index)."""
+
+    def __init__(self, task, batch_size: int, collate: Callable, noise: bool = True) -> None:
+        super().__init__()
+        self.task, self.batch_size, self.collate, self.noise = task, batch_size, collate, noise
 
     def batch(self, index: int, noise: bool | None = None) -> dict:
         """Training batch number ``index`` (a pure function of the task seed and ``index``)."""
         noise = self.noise if noise is None else noise
         return self.collate(self.task.train_batch(index, self.batch_size, noise))
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield self.batch(step * self.world_size + self.rank)  # each DDP rank draws its own batches
-            step += 1
 
 
 class Batched(Dataset):

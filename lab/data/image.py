@@ -24,9 +24,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from lab.data.datamodule import Batched, _loader
+from lab.data.datamodule import Batched, StepStream, _loader
 from lab.data.text import collate_text
 from lab.errors import LabError
 from tasks.image_retrieval import ImageRetrieval, ImageRetrievalSample
@@ -38,21 +38,15 @@ _FEATURE_CHUNK = 128
 _CACHE_VERSION = 1
 
 
-class ImageStepBatches(IterableDataset):
-    """Infinite stream of image training batches; same stepping attributes as ``StepBatches``."""
+class ImageStepBatches(StepStream):
+    """Infinite stream of image training batches."""
 
     def __init__(self, datamodule: "ImageDataModule") -> None:
+        super().__init__()
         self.datamodule = datamodule
-        self.start_step, self.rank, self.world_size = 0, 0, 1
 
     def batch(self, index: int, noise: bool | None = None) -> dict:
         return self.datamodule.train_batch(index, noise)
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield self.batch(step * self.world_size + self.rank)
-            step += 1
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -52,8 +52,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
         raise LabError("pass the run directory to evaluate: run=checkpoints/<task>/<run>")
     run_dir = Path(cfg.run)
     evaluators = build_evaluators(cfg)
-    run_cfg, task, model = runs.load_trained_model(run_dir, cfg.checkpoint)
-    checkpoint = runs.load_checkpoint(runs.checkpoint_path(run_dir, cfg.checkpoint))
+    run_cfg, task, model, step = runs.load_trained_run(run_dir, cfg.checkpoint)
     device = torch.device(cfg.device)
     ctx = EvalContext(
         model=model.to(device),
@@ -62,8 +61,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
         out_dir=run_dir / "eval",
         device=device,
         writer=_writer(run_dir),
-        step=int(checkpoint.get("global_step", 0)),
-        info={"run": str(run_dir), "checkpoint": str(cfg.checkpoint), "step": int(checkpoint.get("global_step", 0))},
+        step=step,
+        info={"run": str(run_dir), "checkpoint": str(cfg.checkpoint), "step": step},
     )
     return run_evaluators(ctx, evaluators)
 

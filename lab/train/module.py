@@ -60,6 +60,7 @@ class RetrievalModule(L.LightningModule):
         aux_weight: float = 0.0,
         val_names: list[str] | None = None,
         decoder=None,
+        meta: dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -69,6 +70,7 @@ class RetrievalModule(L.LightningModule):
         self.aux, self.aux_weight = aux, float(aux_weight)  # optional AuxiliaryObjective (image batches)
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
+        self.meta = meta  # stamped into checkpoints as ``lab_meta`` (which task they belong to)
         self._val: dict[str, AnswerAccuracy] = {}
         self.last_val_metrics: dict[str, float] = {}
 
@@ -169,6 +171,8 @@ class RetrievalModule(L.LightningModule):
     # RNG state travels with the checkpoint so a resumed run draws the same dropout masks.
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if self.meta is not None:
+            checkpoint["lab_meta"] = self.meta
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if "torch_rng_state" in checkpoint:

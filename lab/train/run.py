@@ -38,18 +38,6 @@ def _validate(cfg: DictConfig) -> None:
             raise LabError(message)
 
 
-class LabModule(RetrievalModule):
-    """RetrievalModule that stamps its checkpoints with the task they belong to."""
-
-    def __init__(self, *args, meta: dict, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.meta = meta
-
-    def on_save_checkpoint(self, checkpoint) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["lab_meta"] = self.meta
-
-
 def build_data(cfg: DictConfig, task, model=None) -> tuple[dict, str]:
     """One data module per modality (the primary ``cfg.modality`` plus those the regime names),
     and the primary modality's name. Image data gets ``model``'s visual encoder."""
@@ -80,7 +68,7 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
         regime = match_steps(regime, cfg.regime.match_steps_of, cfg.train.val_every)
     controller = PhaseController(regime, run_dir, cfg.train.stop.threshold, cfg.train.stop.patience)
     datamodule = CurriculumDataModule(data, controller, cfg.seed)
-    module = LabModule(
+    module = RetrievalModule(
         model,
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
