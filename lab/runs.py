@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -68,6 +69,12 @@ def prepare_new_run(run_dir: Path) -> None:
             f"or continue it with resume={run_dir}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove a new run directory that a refused config left holding nothing but Hydra's log."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.log"}:
+        shutil.rmtree(run_dir)
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> None:

@@ -194,3 +194,18 @@ def test_train_cli_reports_a_bad_value_in_one_line(tmp_path):
     assert lines == ["error: model.d_model=128 must be divisible by model.n_heads=3 (with an even head size for RoPE)"]
     assert "Traceback" not in result.stdout + result.stderr
     assert not list(run_dir.glob("*.ckpt")) and not (run_dir / "config.yaml").exists()
+
+
+def test_a_refused_config_leaves_no_empty_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("what Hydra logged before the error\n")
+    with pytest.raises(LabError, match="train.lr"):
+        train(tiny_cfg("train.lr=-1"), run_dir)
+    assert not run_dir.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("the user's own file")
+    with pytest.raises(LabError, match="train.lr"):
+        train(tiny_cfg("train.lr=-1"), kept)
+    assert (kept / "notes.txt").read_text() == "the user's own file"

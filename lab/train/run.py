@@ -152,7 +152,12 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     else:
         runs.prepare_new_run(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: seeds its init
-    task, datamodule, module, controller = compose(cfg, run_dir)
+    try:
+        task, datamodule, module, controller = compose(cfg, run_dir)
+    except Exception:
+        if ckpt_path is None:
+            runs.discard_unused_run_dir(run_dir)
+        raise
     if ckpt_path is None:
         runs.save_config(run_dir, cfg)
     else:
