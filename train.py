@@ -6,15 +6,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lab.cli import user_errors_exit
+import sys
+
+from lab.cli import check_resume_argument, user_errors_exit
 from lab.train.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    train(cfg, HydraConfig.get().runtime.output_dir, overrides=HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":
+    check_resume_argument(sys.argv)
     main()

@@ -29,6 +29,20 @@ def short_name(text: str, limit: int = 96) -> str:
 OmegaConf.register_new_resolver("short_name", short_name, replace=True)
 
 
+def check_resume_argument(argv: list[str]) -> None:
+    """Refuse ``resume=<path>`` pointing nowhere before Hydra creates its run directory (which
+    would otherwise leave a junk folder at the mistyped path)."""
+    from pathlib import Path
+
+    for arg in argv[1:]:
+        if arg.startswith("resume=") and arg != "resume=null":
+            path = Path(arg.split("=", 1)[1])
+            if not path.is_dir():
+                print(f"error: resume={path}: no such run directory; pass a folder train.py created, "
+                      "e.g. resume=checkpoints/retrieval/<run>", file=sys.stderr)
+                sys.exit(2)
+
+
 def user_errors_exit(fn):
     """Run ``fn``; on a user error print ``error: <message>`` to stderr and exit with status 2."""
 

@@ -128,6 +128,7 @@ class ImageRetrieval:
             query_position=len(tokens) - 1,
             ctx_end_position=ctx_end,
             noise_positions=[],
+            query_shape=t._shape0 + context.shapes[query],
             context=context,
             context_key=key,
             image_start=1,

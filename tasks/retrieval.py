@@ -44,6 +44,10 @@ class RetrievalSample:
     # with positions counted in the continued sequence ``tokens + followup_tokens``.
     followup_tokens: list[int] = field(default_factory=list)
     followup_answers: list[tuple[int, int]] = field(default_factory=list)
+    # Token id of the queried object's shape (the intermediate variable of the two hops), and the
+    # same for each follow-up query; read only by the optional intermediate-supervision loss.
+    query_shape: int = -1
+    followup_shapes: list[int] = field(default_factory=list)
 
     @property
     def answer_item(self) -> int:
@@ -153,15 +157,17 @@ class RetrievalTask:
         further objects. The first query (what evaluation asks) is unchanged, and causal models
         cannot see the follow-ups from it."""
         others = [i for i in rng.permutation(sample.n_objects).tolist() if i != sample.query_object]
-        tokens, answers = [sample.answer], []
+        tokens, answers, shapes = [sample.answer], [], []
         position = len(sample.tokens) + 1
         for obj in others[: self.train_queries - 1]:
             tokens += [self.vocab[QUE], self._color0 + sample.colors[obj]]
             position += 2
             answers.append((position - 1, self._item0 + sample.items[obj]))
+            shapes.append(self._shape0 + sample.shapes[obj])
             tokens.append(self._item0 + sample.items[obj])
             position += 1
         sample.followup_tokens, sample.followup_answers = tokens[:-1], answers
+        sample.followup_shapes = shapes
 
     def eval_set(self, split: str, noise: bool = True) -> list[RetrievalSample]:
         """A fixed evaluation set for a split, balanced over the number of objects."""
@@ -229,4 +235,5 @@ class RetrievalTask:
             query_position=len(tokens) - 1,
             ctx_end_position=ctx_end,
             noise_positions=noise_positions,
+            query_shape=self._shape0 + shapes[query],
         )

@@ -13,8 +13,10 @@ def collate_text(samples: Sequence[RetrievalSample], pad_id: int) -> dict[str, t
 
     Keys: ``tokens`` [B, T], ``attend`` [B, T] (False on padding and noise tokens),
     ``answer_pos`` [B] (the last prompt token, where the answer is read), ``targets`` [B],
-    ``n_objects`` [B]. Training samples with follow-up queries also give ``extra_answer_pos`` and
-    ``extra_targets`` [B, K] (-1 where a sample has fewer), read only by the training loss.
+    ``n_objects`` [B], ``mid_targets`` [B] (the queried object's shape token, the intermediate
+    variable; -1 when unknown). Training samples with follow-up queries also give
+    ``extra_answer_pos``, ``extra_targets`` and ``extra_mid_targets`` [B, K] (-1 where a sample has
+    fewer), read only by the training loss.
     """
     sequences = [s.tokens + s.followup_tokens for s in samples]
     B, T = len(samples), max(len(seq) for seq in sequences)
@@ -31,14 +33,16 @@ def collate_text(samples: Sequence[RetrievalSample], pad_id: int) -> dict[str, t
         "answer_pos": torch.tensor([s.query_position for s in samples]),
         "targets": torch.tensor([s.answer for s in samples]),
         "n_objects": torch.tensor([s.n_objects for s in samples]),
+        "mid_targets": torch.tensor([s.query_shape for s in samples]),
     }
     K = max(len(s.followup_answers) for s in samples)
     if K:
-        extra = torch.full((2, B, K), -1, dtype=torch.long)
+        extra = torch.full((3, B, K), -1, dtype=torch.long)
         for i, s in enumerate(samples):
             if s.followup_answers:
-                extra[:, i, : len(s.followup_answers)] = torch.tensor(s.followup_answers).T
-        batch["extra_answer_pos"], batch["extra_targets"] = extra[0], extra[1]
+                extra[:2, i, : len(s.followup_answers)] = torch.tensor(s.followup_answers).T
+                extra[2, i, : len(s.followup_shapes)] = torch.tensor(s.followup_shapes)
+        batch["extra_answer_pos"], batch["extra_targets"], batch["extra_mid_targets"] = extra
     return batch
 
 

@@ -67,10 +67,25 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.ln2(h)))
 
 
+def previous_attendable(attend: Tensor) -> Tensor:
+    """Index [B, T] of the nearest earlier attendable position (-1 where there is none), so that
+    a token shift skips noise and padding the way attention does."""
+    T = attend.shape[1]
+    index = torch.arange(T, device=attend.device).expand_as(attend)
+    marked = torch.where(attend, index, torch.full_like(index, -1))
+    return torch.cat([torch.full_like(marked[:, :1], -1), marked[:, :-1].cummax(dim=1).values], dim=1)
+
+
 class Backbone(ResidualModel):
     """The lab's transformer. ``embed`` also accepts precomputed input embeddings for
     placeholder tokens (``batch['inject']`` [B, P, D] written at ``batch['inject_mask']``),
-    which is how projected image tokens enter the residual stream."""
+    which is how projected image tokens enter the residual stream.
+
+    ``token_shift=True`` adds a previous-token prior: h_0 at position t also receives a learned
+    linear map of the input embedding at the previous attendable position (a "token shift", as in
+    RWKV), which hands every token the identity of its predecessor without an attention step.
+    It is an architectural prior, off by default; docs/learning.md measures what it changes.
+    """
 
     def __init__(
         self,
@@ -82,6 +97,7 @@ class Backbone(ResidualModel):
         max_len: int = 512,
         pos_encoding: str = "rope",
         dropout: float = 0.0,
+        token_shift: bool = False,
     ) -> None:
         super().__init__()
         if pos_encoding not in POSITIONAL_ENCODINGS:
@@ -97,6 +113,7 @@ class Backbone(ResidualModel):
             raise ModelConfigError("model sizes must be >= 1 and model.dropout in [0, 1)")
         self.n_layers, self.d_model, self.max_len, self.pos_encoding = n_layers, d_model, max_len, pos_encoding
         self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.shift = nn.Linear(d_model, d_model, bias=False) if token_shift else None
         self.pos_emb = nn.Embedding(max_len, d_model) if pos_encoding == "learned" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -125,6 +142,10 @@ class Backbone(ResidualModel):
         if "inject" in batch:
             h = h.masked_scatter(batch["inject_mask"][..., None], batch["inject"].to(h.dtype))
         positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if self.shift is not None:
+            previous = previous_attendable(batch["attend"])
+            h_prev = h.gather(1, previous.clamp(min=0)[..., None].expand_as(h))
+            h = h + self.shift(h_prev * (previous >= 0)[..., None].to(h.dtype))
         if self.pos_emb is not None:
             h = h + self.pos_emb(positions)
         stream = Stream(h=self.drop(h), attend=batch["attend"], positions=positions)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -34,22 +35,39 @@ class DataStepSync(L.Callback):
 class MetricsFile(L.Callback):
     """Append every validation's metrics to ``metrics.jsonl``; write the latest to ``metrics.json``.
 
-    On resume, lines from steps after the restored checkpoint are dropped, so the file reads
-    as if the run had never been interrupted.
+    ``times.jsonl`` records, per validation, the wall-clock and process CPU seconds spent in
+    training so far (from the start of ``fit``, validation included; a resumed run adds to the
+    times it resumed from); it is kept apart so that ``metrics.jsonl`` stays byte-identical across
+    reruns. On resume, lines from steps after the restored checkpoint are dropped from both, so
+    the files read as if the run had never been interrupted.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.summary = Path(run_dir) / "metrics.json"
+        self.times = Path(run_dir) / "times.jsonl"
+        self._offset = (0.0, 0.0)
+        self._start = (time.perf_counter(), time.process_time())
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.path.exists() and trainer.global_step > 0:
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.global_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+        self._start = (time.perf_counter(), time.process_time())
+        if trainer.global_step == 0:
+            return
+        for path in (self.path, self.times):
+            if path.exists():
+                kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.global_step]
+                path.write_text("".join(l + "\n" for l in kept))
+                if path == self.times and kept:
+                    last = json.loads(kept[-1])
+                    self._offset = (last["wall_s"], last["cpu_s"])
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        wall = self._offset[0] + time.perf_counter() - self._start[0]
+        cpu = self._offset[1] + time.process_time() - self._start[1]
+        with self.times.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}) + "\n")
         record = {"step": trainer.global_step, **{k: round(float(v), 6) for k, v in pl_module.last_val_metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

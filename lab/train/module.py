@@ -8,7 +8,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lab.errors import LabError
 from lab.models.interface import ResidualModel
+
+
+class NonFiniteLossError(LabError):
+    """The training loss became NaN or infinite."""
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
@@ -58,6 +63,7 @@ class RetrievalModule(L.LightningModule):
         lr_factor=None,
         aux=None,
         aux_weight: float = 0.0,
+        intermediate=None,
         val_names: list[str] | None = None,
         decoder=None,
         meta: dict | None = None,
@@ -68,6 +74,7 @@ class RetrievalModule(L.LightningModule):
         # LR multiplier per global step; default warm-up + cosine over ``total_steps``.
         self.lr_factor = lr_factor or warmup_cosine(warmup_steps, total_steps)
         self.aux, self.aux_weight = aux, float(aux_weight)  # optional AuxiliaryObjective (image batches)
+        self.intermediate = intermediate  # optional IntermediateSupervision (queried shape mid-network)
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
         self.meta = meta  # stamped into checkpoints as ``lab_meta`` (which task they belong to)
@@ -79,12 +86,10 @@ class RetrievalModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         use_aux = self.aux is not None and "object_corners" in batch
+        mid_weight = self.intermediate.weight_at(self.global_step) if self.intermediate is not None else 0.0
         multi = "extra_answer_pos" in batch
-        out = self.model.run(
-            batch,
-            positions=None if multi else batch["answer_pos"],
-            capture=sorted({0, self.aux.layer}) if use_aux else (),
-        )
+        capture = ({0, self.aux.layer} if use_aux else set()) | ({self.intermediate.layer} if mid_weight > 0 else set())
+        out = self.model.run(batch, positions=None if multi else batch["answer_pos"], capture=sorted(capture))
         if multi:
             logits, loss = self._multi_query_loss(batch, out.logits)
         else:
@@ -94,6 +99,16 @@ class RetrievalModule(L.LightningModule):
             loss = loss + self.aux_weight * aux_loss
             if self._logging_step():
                 self.log("train/aux_loss", aux_loss)
+        if mid_weight > 0:
+            mid_loss = self.intermediate.loss(self.model, batch, out.captured[self.intermediate.layer])
+            loss = loss + mid_weight * mid_loss
+            if self._logging_step():
+                self.log_dict({"train/intermediate_loss": mid_loss, "train/intermediate_weight": mid_weight})
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}: the run diverged; lower train.lr "
+                "(or raise train.warmup_steps) and start a new run. The checkpoints hold the last finite validation."
+            )
         if self._logging_step():
             acc = (logits.argmax(-1) == batch["targets"]).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
@@ -170,6 +185,14 @@ class RetrievalModule(L.LightningModule):
 
     # RNG state travels with the checkpoint so a resumed run draws the same dropout masks.
     def on_save_checkpoint(self, checkpoint) -> None:
+        # A checkpoint with NaN/inf weights is refused here, before it is written, so the files on
+        # disk always hold the last finite state of a diverging run.
+        bad = next((n for n, p in self.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"weights became non-finite ({bad}) by step {self.global_step}: the run diverged; lower train.lr "
+                "(or raise train.warmup_steps) and start a new run. The checkpoints hold the last finite validation."
+            )
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if self.meta is not None:
             checkpoint["lab_meta"] = self.meta

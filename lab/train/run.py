@@ -15,6 +15,7 @@ from lab.errors import LabError
 from lab.data.curriculum import CurriculumDataModule
 from lab.models.visual import build_vision_model, image_data_kwargs, uses_images
 from lab.train.aux import AuxiliaryObjective
+from lab.train.intermediate import IntermediateSupervision
 from lab.train.callbacks import DataStepSync, MetricsFile
 from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
 from lab.train.module import RetrievalModule
@@ -76,6 +77,7 @@ def compose(cfg: DictConfig, run_dir: str | Path = "."):
         lr_factor=phase_lr_factor(controller, cfg.train.warmup_steps, cfg.train.lr),
         aux=_auxiliary(cfg, model, task),
         aux_weight=cfg.train.aux.weight,
+        intermediate=_intermediate(cfg, model),
         val_names=datamodule.val_names,
         decoder=task.vocab.decode,
         meta=runs.checkpoint_meta(task),
@@ -100,6 +102,17 @@ def _auxiliary(cfg: DictConfig, model, task):
     if not uses_images(cfg):
         raise LabError("train.aux.weight > 0 needs image data (modality=image or an image regime)")
     return AuxiliaryObjective(model, task, cfg.render, cfg.train.aux.layer)
+
+
+def _intermediate(cfg: DictConfig, model):
+    """The optional queried-shape supervision, when ``train.intermediate.weight > 0``."""
+    node = cfg.train.get("intermediate")
+    if node is None or node.weight == 0:
+        if node is not None and node.weight < 0:
+            raise LabError(f"train.intermediate.weight must be >= 0, got {node.weight}")
+        return None
+    backbone = getattr(model, "backbone", model)
+    return IntermediateSupervision(node.layer, node.weight, backbone.n_layers, node.get("anneal"))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
@@ -136,14 +149,33 @@ def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, ex
     )
 
 
-def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
+# Command-line overrides that may accompany ``resume=``: they change how a run is displayed, not
+# what it computes. Anything else would make the resumed run differ from the one it continues.
+RESUME_SAFE_OVERRIDES = ("resume", "trainer.enable_progress_bar")
+
+
+def check_resume_overrides(overrides) -> None:
+    """Refuse config overrides on resume: a resumed run continues with its saved config."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides or ()]
+    refused = [k for k in keys if k not in RESUME_SAFE_OVERRIDES and not k.startswith("hydra.")]
+    if refused:
+        raise LabError(
+            f"resume continues a run with the config saved in its directory, so {', '.join(refused)} cannot be "
+            "changed on resume (budgets included: the learning-rate schedule depends on them); drop the override, "
+            "or start a new run with init weights from scratch and the settings you want"
+        )
+
+
+def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), overrides=None) -> dict:
     """Train a new run into ``run_dir`` (or continue it when ``cfg.resume`` is set).
 
-    Returns the final validation metrics. ``extra_callbacks`` is for tests and tools.
+    Returns the final validation metrics. ``extra_callbacks`` is for tests and tools;
+    ``overrides`` (the command line's ``key=value`` list) is checked on resume.
     """
     run_dir = Path(run_dir)
     ckpt_path = checkpoint = None
     if cfg.get("resume"):
+        check_resume_overrides(overrides)
         run_dir = Path(cfg.resume)
         cfg = runs.load_config(run_dir)
         ckpt_path = runs.checkpoint_path(run_dir, "last")

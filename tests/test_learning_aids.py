@@ -1,0 +1,150 @@
+"""Training aids of the learning recipe: the token-shift prior, intermediate (queried-shape)
+supervision and its annealing; divergence and resume safeguards of train.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import error_lines, run_script, tiny_cfg
+from lab.data.text import collate_text
+from lab.errors import LabError
+from lab.models.backbone import Backbone, previous_attendable
+from lab.runs import load_checkpoint
+from lab.train.intermediate import IntermediateSupervision
+from lab.train.run import train
+from tasks.retrieval import RetrievalTask
+
+
+# ---------------------------------------------------------------------------------- token shift
+def test_previous_attendable_skips_noise_and_padding():
+    attend = torch.tensor([[True, True, False, True, True, False]])
+    assert previous_attendable(attend).tolist() == [[-1, 0, 1, 1, 3, 4]]
+
+
+def test_token_shift_adds_the_previous_attendable_embedding():
+    torch.manual_seed(0)
+    model = Backbone(vocab_size=10, n_layers=1, d_model=8, n_heads=2, d_ff=16, pos_encoding="none", token_shift=True)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    attend = torch.tensor([[True, True, False, True]])  # token 3 is noise: position 3 reads token 2
+    h = model.embed({"tokens": tokens, "attend": attend}).h
+    e, W = model.tok_emb.weight, model.shift.weight
+    expected = torch.stack([e[1], e[2] + e[1] @ W.T, e[3] + e[2] @ W.T, e[4] + e[2] @ W.T])
+    torch.testing.assert_close(h[0], expected)
+
+
+def test_token_shift_is_off_by_default_and_changes_only_the_embedding():
+    assert Backbone(vocab_size=10).shift is None
+    torch.manual_seed(0)
+    plain = Backbone(vocab_size=10, n_layers=2, d_model=8, n_heads=2, d_ff=16)
+    torch.manual_seed(0)
+    shifted = Backbone(vocab_size=10, n_layers=2, d_model=8, n_heads=2, d_ff=16, token_shift=True)
+    shifted.load_state_dict({**plain.state_dict(), "shift.weight": torch.zeros(8, 8)})
+    batch = {"tokens": torch.tensor([[1, 2, 3]]), "attend": torch.ones(1, 3, dtype=torch.bool)}
+    torch.testing.assert_close(shifted(batch), plain(batch))  # a zero shift is the plain model
+
+
+# ------------------------------------------------------------------------ intermediate targets
+def test_samples_carry_the_queried_shape_for_every_query():
+    task = RetrievalTask(train_queries=4, seed=3)
+    for s in task.train_batch(0, 16):
+        assert task.vocab.decode([s.query_shape]) == [f"shape_{s.shapes[s.query_object]}"]
+        sequence = s.tokens + s.followup_tokens
+        for (position, answer), shape in zip(s.followup_answers, s.followup_shapes):
+            obj = s.colors.index(sequence[position] - task.vocab["color_0"])  # the follow-up's colour
+            assert shape == task.vocab["shape_0"] + s.shapes[obj]
+            assert answer == task.vocab["item_0"] + s.items[obj]
+
+
+def test_intermediate_loss_is_cross_entropy_of_the_readout_at_query_positions():
+    torch.manual_seed(0)
+    task = RetrievalTask(train_queries=3, seed=0)
+    batch = collate_text(task.train_batch(0, 4), task.vocab.pad_id)
+    model = Backbone(len(task.vocab), n_layers=2, d_model=16, n_heads=2, d_ff=32)
+    objective = IntermediateSupervision(layer=1, weight=1.0, n_layers=2)
+    h = model.run(batch, capture=[1]).captured[1]
+    loss = objective.loss(model, batch, h)
+    terms = []
+    for i in range(4):
+        pairs = [(batch["answer_pos"][i], batch["mid_targets"][i])]
+        pairs += [(p, t) for p, t in zip(batch["extra_answer_pos"][i], batch["extra_mid_targets"][i]) if t >= 0]
+        for p, t in pairs:
+            terms.append(F.cross_entropy(model.readout(h[i, p])[None], t[None]))
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_intermediate_weight_anneals_linearly_to_zero():
+    objective = IntermediateSupervision(layer=2, weight=2.0, n_layers=4, anneal=[100, 300])
+    assert [objective.weight_at(s) for s in (0, 100, 200, 299, 300, 5000)] == [2.0, 2.0, 1.0, 0.01, 0.0, 0.0]
+    assert IntermediateSupervision(layer=2, weight=0.5, n_layers=4).weight_at(10**6) == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.intermediate.layer=7", r"train\.intermediate\.layer=7 must lie in 0\.\.2"),
+        ("train.intermediate.anneal=[50,10]", r"needs 0 <= start <= end"),
+        ("train.intermediate.anneal=soon", r"must be null or \[start, end\]"),
+    ],
+)
+def test_bad_intermediate_settings_are_refused(tmp_path, override, message):
+    with pytest.raises(LabError, match=message):
+        train(tiny_cfg("train.intermediate.weight=1", override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_intermediate_supervision_teaches_the_readout_the_shape_at_its_layer(tmp_path):
+    """With the aid on, the logit lens at the supervised layer names the queried shape far
+    above chance after a short run; the run records the loss in TensorBoard-visible metrics."""
+    from lab.runs import load_trained_model
+
+    run_dir = tmp_path / "mid"
+    train(tiny_cfg("train.intermediate.weight=1", "train.intermediate.layer=1", "model.token_shift=true",
+                   "train.max_steps=150", "train.lr=5e-3"), run_dir)
+    _, task, model = load_trained_model(run_dir, "last")
+    batch = collate_text(task.eval_set("id"), task.vocab.pad_id)
+    with torch.no_grad():
+        lens = model.run(batch, stop=1, positions=batch["answer_pos"]).logits
+    accuracy = (lens.argmax(-1) == batch["mid_targets"]).float().mean().item()
+    assert accuracy > 0.6, accuracy  # chance is 1/(2..3 objects) at best
+
+
+# --------------------------------------------------------------------------------- safeguards
+def test_a_diverging_run_stops_with_an_error_and_keeps_finite_checkpoints(tmp_path):
+    run_dir = tmp_path / "diverge"
+    with pytest.raises(LabError, match="diverged"):
+        train(tiny_cfg("train.lr=1e6", "train.warmup_steps=0", "train.max_steps=200"), run_dir)
+    for name in ("last", "best"):
+        path = run_dir / f"{name}.ckpt"
+        if path.exists():
+            state = load_checkpoint(path)["state_dict"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+
+
+@pytest.mark.slow
+def test_train_cli_reports_divergence_in_one_line(tmp_path):
+    run_dir = tmp_path / "x"
+    result = run_script("train.py", "train.lr=1e6", "train.max_steps=40", "train.val_every=10", "task.eval_size=32",
+                        f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in error_lines(result.stderr) if line.startswith("error:")]
+    assert len(lines) == 1 and "diverged" in lines[0]
+
+
+def test_resume_refuses_config_overrides(tiny_run, tmp_path):
+    with pytest.raises(LabError, match=r"train\.max_steps cannot be changed on resume"):
+        train(tiny_cfg(f"resume={tiny_run.dir}"), tmp_path / "x", overrides=[f"resume={tiny_run.dir}", "train.max_steps=40"])
+
+
+@pytest.mark.slow
+def test_resume_of_a_mistyped_path_creates_nothing(tmp_path):
+    typo = tmp_path / "no_such_run"
+    result = run_script("train.py", f"resume={typo}")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"error: resume={typo}: no such run directory; pass a folder train.py created, e.g. resume=checkpoints/retrieval/<run>"
+    ]
+    assert not typo.exists()
