@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Named recipes: overrides of the default config (conf/train.yaml). The lab's default recipe is
@@ -39,9 +41,11 @@ RECIPES: dict[str, list[str]] = {
     "mid": ["model.token_shift=false", "train.intermediate.weight=1"],
     "shift_mid": ["model.token_shift=true", "train.intermediate.weight=1"],
     "shift_mid_dense4": ["model.token_shift=true", "train.intermediate.weight=1", "task.train_queries=4"],
-    "shift_mid_anneal": ["model.token_shift=true", "train.intermediate.weight=1", "train.intermediate.anneal=[300,600]"],
     "shift_dense4": ["model.token_shift=true", "train.intermediate.weight=0", "task.train_queries=4"],
     "mid_dense4": ["model.token_shift=false", "train.intermediate.weight=1", "task.train_queries=4"],
+    "dense4": ["model.token_shift=false", "train.intermediate.weight=0", "task.train_queries=4"],
+    "shift_mid_dense4_anneal": ["model.token_shift=true", "train.intermediate.weight=1", "task.train_queries=4",
+                                "train.intermediate.anneal=[300,600]"],
 }
 FIELDS = ["recipe", "seed", "cap", "overrides", "solved_0.99", "step_0.99", "wall_s_0.99", "cpu_s_0.99",
           "ood_0.99", "step_0.9", "wall_s_0.9", "cpu_s_0.9", "ood_0.9", "final_step", "final_id", "final_ood"]
@@ -57,13 +61,25 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
     return name, RECIPES[name]
 
 
-def first_crossing(metrics: list[dict], times: dict[int, dict], metric: str, ood: str, threshold: float) -> dict:
-    """Step, wall, CPU and OOD accuracy of the first validation with ``metric >= threshold``."""
+def first_crossing(metrics: list[dict], times: dict[int, dict], metric: str, ood: str, threshold: float,
+                   from_step: int = 0) -> dict:
+    """Step, wall, CPU and OOD accuracy of the first validation at or after ``from_step`` with
+    ``metric >= threshold``."""
     for record in metrics:
-        if record.get(metric, 0.0) >= threshold:
+        if record["step"] >= from_step and record.get(metric, 0.0) >= threshold:
             t = times.get(record["step"], {})
             return {"step": record["step"], "wall_s": t.get("wall_s"), "cpu_s": t.get("cpu_s"), "ood": record.get(ood)}
     return {"step": None, "wall_s": None, "cpu_s": None, "ood": None}
+
+
+def aid_off_step(run_dir: Path) -> int:
+    """First step at which an annealed intermediate supervision is fully off (0 when not annealed):
+    accuracy reached while the aid still acts does not count as solving the task."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return 0
+    node = (yaml.safe_load(config.read_text()).get("train") or {}).get("intermediate") or {}
+    return int(node["anneal"][1]) if node.get("weight") and node.get("anneal") else 0
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,7 +105,7 @@ def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
     metric, ood = f"val/{modality}_id_acc", f"val/{modality}_ood_acc"
     row = {"recipe": name, "seed": seed, "cap": args.cap, "overrides": " ".join(overrides)}
     for threshold in (0.99, 0.9):
-        hit = first_crossing(metrics, times, metric, ood, threshold)
+        hit = first_crossing(metrics, times, metric, ood, threshold, aid_off_step(run_dir))
         for key, value in hit.items():
             row[f"{key}_{threshold}"] = value
     row["solved_0.99"] = row["step_0.99"] is not None

@@ -123,7 +123,11 @@ class PhaseController(L.Callback):
             if phase.until not in metrics:
                 raise LabError(f"phase {phase.name!r} stops on {phase.until!r}, which validation does not log; "
                                f"logged: {sorted(k for k in metrics if k.startswith('val/'))}")
-            self.hits = self.hits + 1 if float(metrics[phase.until]) >= self.threshold else 0
+            # While an annealed training aid is still fading, saturation does not count: a run is
+            # solved only once it solves the task on its own.
+            aid = getattr(pl_module, "intermediate", None)
+            aided = aid is not None and aid.anneal is not None and aid.weight_at(trainer.global_step) > 0
+            self.hits = self.hits + 1 if float(metrics[phase.until]) >= self.threshold and not aided else 0
         saturated = phase.until is not None and self.hits >= self.patience
         if saturated or self.phase_step(trainer.global_step) >= phase.max_steps:
             self._finish_phase(trainer, "saturated" if saturated else "budget")

@@ -111,8 +111,9 @@ def _intermediate(cfg: DictConfig, model):
         if node is not None and node.weight < 0:
             raise LabError(f"train.intermediate.weight must be >= 0, got {node.weight}")
         return None
-    backbone = getattr(model, "backbone", model)
-    return IntermediateSupervision(node.layer, node.weight, backbone.n_layers, node.get("anneal"))
+    n_layers = getattr(model, "backbone", model).n_layers
+    layer = n_layers // 2 if node.get("layer") is None else node.layer
+    return IntermediateSupervision(layer, node.weight, n_layers, node.get("anneal"))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
