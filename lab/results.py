@@ -1,7 +1,11 @@
-"""Aggregate finished runs into a results table: mean +- std over seeds per regime and encoder.
+"""Aggregate finished runs into a results table: mean +- std and a 95% CI over seeds per regime,
+encoder and set of training aids.
 
 ``python aggregate.py checkpoints/retrieval/<sweep> [more dirs] --out docs/tables/regimes.md``
 finds every run directory (a folder with config.yaml and metrics.json) below the given paths.
+``--figure <png>`` plots OOD accuracy per number of objects (one line per group, mean over seeds
+with a 95% CI band); ``--compare a:b`` adds Welch's t-test of group ``a`` vs group ``b`` (regime
+names) on every metric.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from scipy import stats
 
 from lab.errors import LabError
 
@@ -42,51 +47,133 @@ def run_record(run_dir: Path) -> dict:
         "run": str(run_dir),
         "regime": str(cfg.regime.get("name", "?")),
         "encoder": str(cfg.encoder.name) if uses_images and "encoder" in cfg else "-",
+        "aids": training_aids(cfg),
         "seed": int(cfg.seed),
         "steps": int(metrics["step"]),
         **{m: metrics.get(m) for m in METRICS},
+        "per_count": {k: v for k, v in metrics.items() if k.startswith("val_n/")},
     }
 
 
-def aggregate(records: list[dict]) -> list[dict]:
+def training_aids(cfg) -> str:
+    """The learning aids a run used (docs/learning.md), e.g. ``shift+mid@2+q4``; ``none`` for the
+    paper's plain recipe."""
+    aids = []
+    if cfg.model.get("token_shift"):
+        aids.append("shift")
+    mid = (cfg.train.get("intermediate") or {})
+    if mid.get("weight"):
+        aids.append(f"mid@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
+    if int(cfg.task.get("train_queries", 1) or 1) > 1:
+        aids.append(f"q{cfg.task.train_queries}")
+    return "+".join(aids) or "none"
+
+
+def mean_ci(values) -> tuple[float, float, float]:
+    """Mean, standard deviation and the half-width of a 95% t-interval (0 for one value)."""
+    values = np.asarray(values, dtype=float)
+    mean, std = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return mean, std, half
+
+
+def group_runs(records: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["regime"], r["encoder"])].append(r)
+        groups[(r["regime"], r["encoder"], r["aids"])].append(r)
+    return dict(sorted(groups.items()))
+
+
+def aggregate(records: list[dict]) -> list[dict]:
     rows = []
-    for (regime, encoder), rs in sorted(groups.items()):
-        row = {"regime": regime, "encoder": encoder, "seeds": len(rs), "steps": float(np.mean([r["steps"] for r in rs]))}
+    for (regime, encoder, aids), rs in group_runs(records).items():
+        row = {"regime": regime, "encoder": encoder, "aids": aids, "seeds": len(rs),
+               "steps": float(np.mean([r["steps"] for r in rs]))}
         for m in METRICS:
             values = [r[m] for r in rs if r[m] is not None]
-            row[m] = (float(np.mean(values)), float(np.std(values)), len(values)) if values else None
+            row[m] = mean_ci(values) if values else None
         rows.append(row)
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ["regime", "encoder", "seeds", "steps", "text ID", "text OOD", "image ID", "image OOD"]
+    head = ["regime", "encoder", "aids", "seeds", "steps", "text ID", "text OOD", "image ID", "image OOD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["regime"], row["encoder"], str(row["seeds"]), f"{row['steps']:.0f}"]
+        cells = [row["regime"], row["encoder"], row["aids"], str(row["seeds"]), f"{row['steps']:.0f}"]
         for m in METRICS:
             v = row[m]
-            cells.append("-" if v is None else f"{100 * v[0]:.1f} +- {100 * v[1]:.1f}")
+            cells.append("-" if v is None else f"{100 * v[0]:.1f} +- {100 * v[1]:.1f} [{100 * (v[0] - v[2]):.1f}, {100 * (v[0] + v[2]):.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nCells: mean +- std over seeds [95% t-interval], in %.")
     return "\n".join(lines) + "\n"
+
+
+def compare(records: list[dict], a: str, b: str) -> str:
+    """Welch's t-test of regime ``a`` against regime ``b`` on every metric both have."""
+    lines = [f"\n**{a} vs {b}** (Welch's t-test over seeds)\n", "| metric | mean a - mean b | t | p | seeds a / b |", "|---|---|---|---|---|"]
+    for m in METRICS:
+        va = [r[m] for r in records if r["regime"] == a and r[m] is not None]
+        vb = [r[m] for r in records if r["regime"] == b and r[m] is not None]
+        if len(va) < 2 or len(vb) < 2:
+            continue
+        t, p = stats.ttest_ind(va, vb, equal_var=False)
+        lines.append(f"| {m} | {100 * (np.mean(va) - np.mean(vb)):+.1f} | {t:.2f} | {p:.3g} | {len(va)} / {len(vb)} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_count_figure(records: list[dict], path: Path, split: str = "ood") -> None:
+    """Accuracy per number of objects (``split`` prompts), one line per group and modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (regime, encoder, aids), rs in group_runs(records).items():
+        for modality in ("text", "image"):
+            keys = sorted({k for r in rs for k in r["per_count"] if k.startswith(f"val_n/{modality}_{split}_n")})
+            if not keys:
+                continue
+            counts = [int(k.rsplit("_n", 1)[1]) for k in keys]
+            stats_ = [mean_ci([r["per_count"][k] for r in rs if k in r["per_count"]]) for k in keys]
+            mean = np.array([s[0] for s in stats_])
+            half = np.array([s[2] for s in stats_])
+            label = f"{regime} ({modality}{'' if encoder == '-' else ', ' + encoder}, {len(rs)} seeds)"
+            line = ax.plot(counts, mean, marker="o", label=label, linestyle="-" if modality == "text" else "--")[0]
+            ax.fill_between(counts, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("number of objects")
+    ax.set_ylabel(f"{split.upper()} accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run directories or folders holding them")
     parser.add_argument("--out", help="write the markdown table here (and a .csv of every run beside it)")
+    parser.add_argument("--figure", help="write the OOD-accuracy-per-object-count plot here (PNG)")
+    parser.add_argument("--compare", action="append", default=[], help="regime_a:regime_b, Welch's t-test (repeatable)")
     args = parser.parse_args(argv)
     records = [run_record(r) for r in find_runs(args.paths)]
     table = to_markdown(aggregate(records))
+    for pair in args.compare:
+        a, _, b = pair.partition(":")
+        table += compare(records, a, b)
+    if args.figure:
+        per_count_figure(records, Path(args.figure))
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         with out.with_suffix(".csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            fields = [k for k in records[0] if k != "per_count"]
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(records)

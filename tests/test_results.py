@@ -1,0 +1,50 @@
+"""aggregate.py: runs grouped by regime, encoder and training aids; mean, CI, Welch test, figure."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+
+from conftest import tiny_cfg
+from lab.results import aggregate, compare, find_runs, main, run_record, training_aids
+
+
+def fake_run(root, name, regime, seed, ood, aids=()):
+    cfg = tiny_cfg(f"experiment={regime}", f"seed={seed}", "recipe=plain", *aids)
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    metrics = {"step": 100, "val/text_id_acc": 1.0, "val/text_ood_acc": ood, "val_n/text_ood_n04": ood + 0.1,
+               "val_n/text_ood_n05": ood - 0.1}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_groups_means_intervals_and_welch_test(tmp_path):
+    a = [0.5, 0.6, 0.7]
+    b = [0.2, 0.25, 0.3]
+    for seed, (x, y) in enumerate(zip(a, b)):
+        fake_run(tmp_path, f"t{seed}", "text_only", seed, x)
+        fake_run(tmp_path, f"n{seed}", "noise_text", seed, y)
+    fake_run(tmp_path, "aided", "text_only", 0, 0.9, aids=("model.token_shift=true", "task.train_queries=4"))
+    records = [run_record(r) for r in find_runs([str(tmp_path)])]
+    rows = {(r["regime"], r["aids"]): r for r in aggregate(records)}
+    assert set(rows) == {("text_only", "none"), ("noise_text", "none"), ("text_only", "shift+q4")}
+    mean, std, half = rows[("text_only", "none")]["val/text_ood_acc"]
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
+    plain = [r for r in records if r["aids"] == "none"]
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert f"{p:.3g}" in compare(plain, "text_only", "noise_text")
+    out, figure = tmp_path / "t.md", tmp_path / "f.png"
+    main([str(tmp_path), "--out", str(out), "--figure", str(figure), "--compare", "text_only:noise_text"])
+    assert "shift+q4" in out.read_text() and figure.stat().st_size > 1000
+
+
+def test_training_aids_are_named_from_the_config():
+    assert training_aids(tiny_cfg("recipe=plain")) == "none"
+    assert training_aids(tiny_cfg()) == "shift+mid@middle+q4"
+    assert training_aids(tiny_cfg("train.intermediate.layer=1", "train.intermediate.anneal=[1,2]")) == "shift+mid@1~anneal+q4"
