@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 # Named recipes: the paper's plain recipe (conf/recipe/plain.yaml) plus training aids.
-# "default" measures whatever conf/ makes the default (conf/recipe/fast.yaml = shift_mid_dense4).
+# "default" measures whatever conf/ makes the default (conf/recipe/fast.yaml = shift_mid_dense4_anneal).
 _SHIFT, _MID = "model.token_shift=true", "train.intermediate.weight=1"
 RECIPES: dict[str, list[str]] = {
     "default": [],

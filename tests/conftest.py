@@ -18,6 +18,7 @@ torch.set_num_threads(1)  # 2 shared cores: keep every test single-threaded
 
 # Small enough to train in a few seconds on one core, big enough to learn something.
 TINY = [
+    "recipe=plain",  # generic machinery is tested on the paper's recipe; the aids have their own tests
     "model.n_layers=2",
     "model.d_model=32",
     "model.n_heads=2",

@@ -46,5 +46,6 @@ def test_groups_means_intervals_and_welch_test(tmp_path):
 
 def test_training_aids_are_named_from_the_config():
     assert training_aids(tiny_cfg("recipe=plain")) == "none"
-    assert training_aids(tiny_cfg()) == "shift+mid@middle+q4"
-    assert training_aids(tiny_cfg("train.intermediate.layer=1", "train.intermediate.anneal=[1,2]")) == "shift+mid@1~anneal+q4"
+    assert training_aids(tiny_cfg("recipe=fast")) == "shift+mid@middle~anneal+q4"
+    assert training_aids(tiny_cfg("recipe=fast", "train.intermediate.layer=1", "train.intermediate.anneal=null")) == "shift+mid@1+q4"
+    assert training_aids(tiny_cfg("model.token_shift=true")) == "shift"

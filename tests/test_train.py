@@ -169,7 +169,7 @@ def test_resume_of_a_missing_run_is_a_lab_error(tmp_path):
     [
         ("model.n_heads=3", r"model\.d_model=32 must be divisible by model\.n_heads=3"),
         ("model.pos_encoding=alibi", r"model\.pos_encoding='alibi' is unknown"),
-        ("model.max_len=8", r"model\.max_len=8 is shorter than the longest prompt \(33 tokens\)"),
+        ("model.max_len=8", r"model\.max_len=8 is shorter than the longest prompt \(24 tokens\)"),
         ("train.lr=-1", r"train\.lr must be > 0, got -1"),
         ("train.lr=0", r"train\.lr must be > 0"),
         ("train.batch_size=0", r"train\.batch_size must be >= 1"),
