@@ -139,21 +139,22 @@ def _fmt(value, digits=2):
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
-    lines = ["| recipe | seed | cap | step 0.9 | step 0.99 | wall s 0.99 | CPU s 0.99 | OOD at 0.99 | final ID | final OOD |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | seed | cap | last step | step 0.9 | step 0.99 | wall s 0.99 | CPU s 0.99 | OOD at 0.99 | final ID | final OOD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['seed']} | {r['cap']} | {_fmt(r['step_0.9'], 0)} | {_fmt(r['step_0.99'], 0)} | "
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['cap']} | {_fmt(r['final_step'], 0)} | {_fmt(r['step_0.9'], 0)} | {_fmt(r['step_0.99'], 0)} | "
                      f"{_fmt(r['wall_s_0.99'], 0)} | {_fmt(r['cpu_s_0.99'], 0)} | {_fmt(r['ood_0.99'])} | "
                      f"{_fmt(r['final_id'])} | {_fmt(r['final_ood'])} |")
-    lines += ["", "| recipe | seeds solved (0.99) | median steps to 0.99 | median minutes to 0.99 | OOD at solve (median) | overrides |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| recipe | seeds solved (0.99) | median steps to 0.99 | median minutes to 0.99 | median CPU minutes to 0.99 | OOD at solve (median) | overrides |",
+              "|---|---|---|---|---|---|---|"]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         group = [r for r in rows if r["recipe"] == recipe]
         solved = [r for r in group if _num(r["step_0.99"]) is not None]
         med = lambda key: statistics.median(_num(r[key]) for r in solved) if solved else None  # noqa: E731
-        minutes = med("wall_s_0.99")
+        minutes, cpu = med("wall_s_0.99"), med("cpu_s_0.99")
         lines.append(f"| {recipe} | {len(solved)}/{len(group)} | {_fmt(med('step_0.99'), 0)} | "
-                     f"{'-' if minutes is None else f'{minutes / 60:.1f}'} | {_fmt(med('ood_0.99'))} | `{group[0]['overrides']}` |")
+                     f"{'-' if minutes is None else f'{minutes / 60:.1f}'} | {'-' if cpu is None else f'{cpu / 60:.1f}'} | "
+                     f"{_fmt(med('ood_0.99'))} | `{group[0]['overrides']}` |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -169,7 +170,11 @@ def main() -> None:
     parser.add_argument("--root", default=str(ROOT / "checkpoints" / "time_to_solve"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "docs" / "tables" / "time_to_solve"), help="table path without suffix")
     parser.add_argument("extra", nargs="*", help="further overrides for every run (e.g. model=paper)")
+    parser.add_argument("--merge", nargs="*", default=None, help="only merge these CSVs (of earlier invocations) into --out")
     args = parser.parse_args()
+    if args.merge is not None:
+        rows = [r for path in args.merge for r in load_rows(Path(path))]
+        return write_tables(rows, Path(args.out))
     recipes = [parse_recipe(spec) for spec in args.recipes.split(",") if spec]
     seeds = [int(s) for s in args.seeds.split(",")]
     Path(args.root).mkdir(parents=True, exist_ok=True)
@@ -177,11 +182,16 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         new = list(pool.map(lambda job: run_one(*job, args), jobs))
 
-    csv_path, md_path = Path(args.out).with_suffix(".csv"), Path(args.out).with_suffix(".md")
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     replaced = {(r["recipe"], str(r["seed"]), str(r["cap"])) for r in new}
-    rows = [r for r in load_rows(csv_path) if (r["recipe"], r["seed"], r["cap"]) not in replaced]
-    rows += [{k: ("" if v is None else v) for k, v in r.items()} for r in new]
+    rows = [r for r in load_rows(Path(args.out).with_suffix(".csv")) if (r["recipe"], r["seed"], r["cap"]) not in replaced]
+    write_tables(rows + new, Path(args.out))
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    """``out``.csv with every row and ``out``.md (per run, then per recipe)."""
+    rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from conftest import LossRecorder, tiny_cfg
 
 from lab.errors import LabError
@@ -129,6 +130,16 @@ def test_step_matched_control_takes_the_other_runs_step_count(tmp_path):
     assert (phase.max_steps, phase.until) == (30, None)  # rounded up to whole validation intervals
     with pytest.raises(LabError, match="no metrics.json"):
         compose(tiny_cfg("regime=text_control", f"regime.match_steps_of={tmp_path / 'missing'}"))
+
+
+def test_step_matched_control_refuses_a_run_still_in_progress(tmp_path):
+    reference = tmp_path / "running"
+    reference.mkdir()
+    (reference / "metrics.json").write_text(json.dumps({"step": 23}))
+    (reference / "config.yaml").write_text(OmegaConf.to_yaml(tiny_cfg("regime=image_text"), resolve=False))
+    (reference / "phases.json").write_text(json.dumps([{"phase": 0, "name": "text"}]))
+    with pytest.raises(LabError, match="finished 1 of its 3 phases"):
+        compose(tiny_cfg("regime=text_control", f"regime.match_steps_of={reference}"))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lab.errors import LabError
 from lab.train.module import warmup_cosine
@@ -93,6 +93,13 @@ def match_steps(regime: Regime, run_dir: str, val_every: int) -> Regime:
         raise LabError("regime.match_steps_of needs a single-phase regime (e.g. regime=text_control)")
     if not metrics.is_file():
         raise LabError(f"regime.match_steps_of={run_dir}: no metrics.json there; point it at a finished run")
+    phases, config = Path(run_dir) / "phases.json", Path(run_dir) / "config.yaml"
+    if config.is_file():
+        planned = len((OmegaConf.load(config).get("regime") or {}).get("phases") or [])
+        done = len(json.loads(phases.read_text())) if phases.is_file() else 0
+        if planned and done < planned:
+            raise LabError(f"regime.match_steps_of={run_dir}: that run has finished {done} of its {planned} phases; "
+                           "wait until it ends (or resume it), then start the control")
     steps = int(json.loads(metrics.read_text())["step"])
     steps = max(val_every, -(-steps // val_every) * val_every)
     regime.phases[0].max_steps, regime.phases[0].until = steps, None
