@@ -147,7 +147,7 @@ class PhaseController(L.Callback):
         self.index, self.start, self.hits = self.index + 1, trainer.global_step, 0
         if self.index >= len(self.regime.phases):
             trainer.should_stop = True
-        trainer.save_checkpoint(self.run_dir / f"phase{record['phase']}_{phase.name}.ckpt")
+        trainer.save_checkpoint(self.run_dir / f"phase{record['phase']}_{phase.name}.ckpt", weights_only=False)  # full state: resumable
         if trainer.is_global_zero:
             (self.run_dir / "phases.json").write_text(json.dumps(self.history, indent=2))
 
