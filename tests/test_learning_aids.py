@@ -181,3 +181,15 @@ def test_default_recipe_leaves_the_plateau(tmp_path):
     metrics = train(cfg, tmp_path / "default")
     assert metrics["val/text_id_acc"] >= 0.9, metrics
     assert metrics["step"] < 800  # stopped on saturation, not on the budget
+
+
+def test_intermediate_loss_in_embedding_space_scores_against_the_input_embeddings():
+    torch.manual_seed(0)
+    model = Backbone(vocab_size=12, n_layers=2, d_model=8, n_heads=2, d_ff=16)
+    h = torch.randn(5, 8)
+    objective = IntermediateSupervision(layer=1, weight=1.0, n_layers=2, space="embedding")
+    expected = F.layer_norm(h, (8,)) @ model.tok_emb.weight.T
+    torch.testing.assert_close(objective.logits(model, h), expected)
+    torch.testing.assert_close(IntermediateSupervision(1, 1.0, 2).logits(model, h), model.readout(h))
+    with pytest.raises(LabError, match="space='logit' is unknown"):
+        IntermediateSupervision(1, 1.0, 2, space="logit")

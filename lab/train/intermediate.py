@@ -6,7 +6,8 @@ every query position, to predict that shape token through the model's own readou
 target). It hands the model the first hop, which is what lets it compose the two (docs/learning.md).
 
 It is a training aid that changes the science: it tells the model *which* variable to route
-(the shape identity), which favours symbolic binding. ``anneal`` = [start, end] fades the weight
+(the shape identity), which favours symbolic binding. ``space=embedding`` scores h against the
+input embeddings instead of the readout. ``anneal`` = [start, end] fades the weight
 linearly to 0 between those global steps, so the aid can form the circuit and then leave.
 Evaluation never sees it.
 """
@@ -21,12 +22,14 @@ from lab.errors import LabError
 class IntermediateSupervision:
     """Cross-entropy of ``readout(h_layer)`` at the query positions against the queried shape."""
 
-    def __init__(self, layer: int, weight: float, n_layers: int, anneal=None) -> None:
+    def __init__(self, layer: int, weight: float, n_layers: int, anneal=None, space: str = "readout") -> None:
         if not 0 <= layer <= n_layers:
             raise LabError(f"train.intermediate.layer={layer} must lie in 0..{n_layers} (the model's layers)")
         if weight < 0:
             raise LabError(f"train.intermediate.weight must be >= 0, got {weight}")
-        self.layer, self.weight = int(layer), float(weight)
+        if space not in ("readout", "embedding"):
+            raise LabError(f"train.intermediate.space={space!r} is unknown; choose readout or embedding")
+        self.layer, self.weight, self.space = int(layer), float(weight), space
         self.anneal = None
         if anneal is not None:
             try:
@@ -59,4 +62,15 @@ class IntermediateSupervision:
         if not valid.any():
             raise LabError("train.intermediate needs batches with intermediate (shape) targets; this task gives none")
         rows = torch.arange(len(h), device=h.device)[:, None].expand_as(positions)
-        return F.cross_entropy(model.readout(h[rows[valid], positions[valid]]), targets[valid])
+        return F.cross_entropy(self.logits(model, h[rows[valid], positions[valid]]), targets[valid])
+
+    def logits(self, model, h: torch.Tensor) -> torch.Tensor:
+        """Scores of every token for ``h`` [N, D]: the model's readout, or (``space=embedding``)
+        the normalised h against the input embeddings, which asks h to *be* the shape's input
+        vector rather than merely decodable as it."""
+        if self.space == "readout":
+            return model.readout(h)
+        embedding = getattr(getattr(model, "backbone", model), "tok_emb", None)
+        if embedding is None:
+            raise LabError("train.intermediate.space=embedding needs a model with input embeddings (tok_emb)")
+        return F.layer_norm(h, h.shape[-1:]) @ embedding.weight.T

@@ -113,7 +113,7 @@ def _intermediate(cfg: DictConfig, model):
         return None
     n_layers = getattr(model, "backbone", model).n_layers
     layer = n_layers // 2 if node.get("layer") is None else node.layer
-    return IntermediateSupervision(layer, node.weight, n_layers, node.get("anneal"))
+    return IntermediateSupervision(layer, node.weight, n_layers, node.get("anneal"), node.get("space", "readout"))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
