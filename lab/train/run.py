@@ -108,8 +108,6 @@ def _intermediate(cfg: DictConfig, model):
     """The optional queried-shape supervision, when ``train.intermediate.weight > 0``."""
     node = cfg.train.get("intermediate")
     if node is None or node.weight == 0:
-        if node is not None and node.weight < 0:
-            raise LabError(f"train.intermediate.weight must be >= 0, got {node.weight}")
         return None
     n_layers = getattr(model, "backbone", model).n_layers
     layer = n_layers // 2 if node.get("layer") is None else node.layer
@@ -163,7 +161,7 @@ def check_resume_overrides(overrides) -> None:
         raise LabError(
             f"resume continues a run with the config saved in its directory, so {', '.join(refused)} cannot be "
             "changed on resume (budgets included: the learning-rate schedule depends on them); drop the override, "
-            "or start a new run with init weights from scratch and the settings you want"
+            "or start a new run with the settings you want"
         )
 
 
