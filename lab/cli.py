@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -32,8 +33,6 @@ OmegaConf.register_new_resolver("short_name", short_name, replace=True)
 def check_resume_argument(argv: list[str]) -> None:
     """Refuse ``resume=<path>`` pointing nowhere before Hydra creates its run directory (which
     would otherwise leave a junk folder at the mistyped path)."""
-    from pathlib import Path
-
     for arg in argv[1:]:
         if arg.startswith("resume=") and arg != "resume=null":
             path = Path(arg.split("=", 1)[1])

@@ -72,9 +72,10 @@ def training_aids(cfg) -> str:
 def mean_ci(values) -> tuple[float, float, float]:
     """Mean, standard deviation and the half-width of a 95% t-interval (0 for one value)."""
     values = np.asarray(values, dtype=float)
-    mean, std = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
-    return mean, std, half
+    if len(values) < 2:
+        return float(values.mean()), 0.0, 0.0
+    std = float(values.std(ddof=1))
+    return float(values.mean()), std, float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values)))
 
 
 def group_runs(records: list[dict]) -> dict[tuple, list[dict]]:

@@ -49,3 +49,14 @@ def test_training_aids_are_named_from_the_config():
     assert training_aids(tiny_cfg("recipe=fast")) == "shift+mid@middle~anneal+q4"
     assert training_aids(tiny_cfg("recipe=fast", "train.intermediate.layer=1", "train.intermediate.anneal=null")) == "shift+mid@1+q4"
     assert training_aids(tiny_cfg("model.token_shift=true")) == "shift"
+
+
+def test_relevance_table_reads_the_evaluator_outputs(tmp_path):
+    from lab.eval.relevance_table import pruning_markdown
+
+    (tmp_path / "eval").mkdir()
+    rows = ["modality,operator,criterion,mode,calibration_split,eval_split,n_removed,removed_block,accuracy,loss,chance",
+            "text,skip,accuracy,iterative,id,id,0,,1.0,0.1,0.25", "text,skip,accuracy,iterative,id,id,1,2,0.9,0.2,0.25",
+            "text,skip,accuracy,iterative,id,id,2,0,0.5,0.9,0.25", "text,skip,accuracy,iterative,id,id,3,1,0.3,1.2,0.25"]
+    (tmp_path / "eval" / "pruning.csv").write_text("\n".join(rows) + "\n")
+    assert "| accuracy | iterative | id | 1.000 / 0.900 / 0.500 | ['2', '0', '1'] |" in pruning_markdown(str(tmp_path))

@@ -51,6 +51,10 @@ class IntermediateSupervision:
             return 0.0
         return self.weight * (end - step) / (end - start)
 
+    def fading(self, step: int) -> bool:
+        """True while an annealed aid still acts: the run is not yet solving the task on its own."""
+        return self.anneal is not None and self.weight_at(step) > 0
+
     def loss(self, model, batch, h: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every query (first and follow-ups) with a known shape target;
         ``h`` is the captured residual stream [B, T, D] at ``self.layer``."""

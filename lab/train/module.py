@@ -13,7 +13,13 @@ from lab.models.interface import ResidualModel
 
 
 class NonFiniteLossError(LabError):
-    """The training loss became NaN or infinite."""
+    """The training loss or the weights became NaN or infinite."""
+
+    def __init__(self, what: str, step: int) -> None:
+        super().__init__(
+            f"{what} by step {step}: the run diverged; lower train.lr (or raise train.warmup_steps) and start a "
+            "new run. The checkpoints hold the last finite validation."
+        )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
@@ -105,15 +111,16 @@ class RetrievalModule(L.LightningModule):
             if self._logging_step():
                 self.log_dict({"train/intermediate_loss": mid_loss, "train/intermediate_weight": mid_weight})
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step}: the run diverged; lower train.lr "
-                "(or raise train.warmup_steps) and start a new run. The checkpoints hold the last finite validation."
-            )
+            raise NonFiniteLossError(f"training loss is {loss.item()}", self.global_step)
         if self._logging_step():
             acc = (logits.argmax(-1) == batch["targets"]).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def aid_fading(self, step: int) -> bool:
+        """Whether an annealed training aid still acts at ``step`` (saturation does not count then)."""
+        return self.intermediate is not None and self.intermediate.fading(step)
 
     def _logging_step(self) -> bool:
         """Whether Lightning will write this step's metrics to the logger (every
@@ -189,10 +196,7 @@ class RetrievalModule(L.LightningModule):
         # disk always hold the last finite state of a diverging run.
         bad = next((n for n, p in self.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
-            raise NonFiniteLossError(
-                f"weights became non-finite ({bad}) by step {self.global_step}: the run diverged; lower train.lr "
-                "(or raise train.warmup_steps) and start a new run. The checkpoints hold the last finite validation."
-            )
+            raise NonFiniteLossError(f"weights became non-finite ({bad})", self.global_step)
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if self.meta is not None:
             checkpoint["lab_meta"] = self.meta

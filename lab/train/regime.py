@@ -132,8 +132,7 @@ class PhaseController(L.Callback):
                                f"logged: {sorted(k for k in metrics if k.startswith('val/'))}")
             # While an annealed training aid is still fading, saturation does not count: a run is
             # solved only once it solves the task on its own.
-            aid = getattr(pl_module, "intermediate", None)
-            aided = aid is not None and aid.anneal is not None and aid.weight_at(trainer.global_step) > 0
+            aided = getattr(pl_module, "aid_fading", lambda step: False)(trainer.global_step)
             self.hits = self.hits + 1 if float(metrics[phase.until]) >= self.threshold and not aided else 0
         saturated = phase.until is not None and self.hits >= self.patience
         if saturated or self.phase_step(trainer.global_step) >= phase.max_steps:
