@@ -105,9 +105,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.run:
-        from lab.runs import load_trained_model
+        from lab.build import load_trained
 
-        _, task, model = load_trained_model(args.run)
+        _, task, model, _ = load_trained(args.run)
     else:
         task = RetrievalTask(eval_size=args.samples)
         model = Backbone(len(task.vocab), n_layers=args.layers).eval()

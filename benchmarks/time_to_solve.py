@@ -31,10 +31,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lab.results import intermediate_settings  # noqa: E402
 
 # Named recipes: the paper's plain recipe (conf/recipe/plain.yaml) plus training aids.
 # "default" measures whatever conf/ makes the default (conf/recipe/fast.yaml = shift_mid_dense4_anneal).
-_SHIFT, _MID = "model.token_shift=true", "train.intermediate.weight=1"
+_SHIFT, _MID = "model.token_shift=true", "objective.intermediate.weight=1"
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "plain": ["recipe=plain"],
@@ -47,8 +49,8 @@ RECIPES: dict[str, list[str]] = {
     "shift_mid_dense4": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4"],
     "shift_mid_dense8": ["recipe=plain", _SHIFT, _MID, "task.train_queries=8"],
     "shift_mid_dense4_lr2e-3": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "train.lr=2e-3"],
-    "shift_mid_dense4_layer1": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "train.intermediate.layer=1"],
-    "shift_mid_dense4_anneal": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "train.intermediate.anneal=[300,600]"],
+    "shift_mid_dense4_layer1": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "objective.intermediate.layer=1"],
+    "shift_mid_dense4_anneal": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "objective.intermediate.anneal=[300,600]"],
 }
 FIELDS = ["recipe", "seed", "cap", "overrides", "solved_0.99", "step_0.99", "wall_s_0.99", "cpu_s_0.99",
           "ood_0.99", "step_0.9", "wall_s_0.9", "cpu_s_0.9", "ood_0.9", "final_step", "final_id", "final_ood"]
@@ -81,7 +83,7 @@ def aid_off_step(run_dir: Path) -> int:
     config = run_dir / "config.yaml"
     if not config.is_file():
         return 0
-    node = (yaml.safe_load(config.read_text()).get("train") or {}).get("intermediate") or {}
+    node = intermediate_settings(yaml.safe_load(config.read_text()))
     return int(node["anneal"][1]) if node.get("weight") and node.get("anneal") else 0
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lab.errors import LabError
-from lab.runs import unwrap_instantiation
-from tasks.retrieval import TaskConfigError
+from lab.errors import LabError, unwrap_instantiation
+from tasks.protocol import TaskConfigError
 
 
 # ``${first:a,b}``: the first value that is not null (used to put a resumed run's logs in its own

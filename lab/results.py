@@ -55,13 +55,21 @@ def run_record(run_dir: Path) -> dict:
     }
 
 
+def intermediate_settings(cfg) -> dict:
+    """The intermediate-supervision settings of a saved run config (a DictConfig or plain dict):
+    ``objective.intermediate``, or ``train.intermediate`` in configs written before objectives
+    became parts."""
+    node = (cfg.get("objective") or {}).get("intermediate") or (cfg.get("train") or {}).get("intermediate")
+    return dict(node or {})
+
+
 def training_aids(cfg) -> str:
     """The learning aids a run used (docs/learning.md), e.g. ``shift+mid@2+q4``; ``none`` for the
     paper's plain recipe."""
     aids = []
     if cfg.model.get("token_shift"):
         aids.append("shift")
-    mid = (cfg.train.get("intermediate") or {})
+    mid = intermediate_settings(cfg)
     if mid.get("weight"):
         aids.append(f"mid@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
     if int(cfg.task.get("train_queries", 1) or 1) > 1:

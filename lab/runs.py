@@ -1,5 +1,6 @@
 """Run directories: ``checkpoints/<task>/<run>/`` with config.yaml, best/last.ckpt, tensorboard/,
-metrics.jsonl and eval/. Everything needed to rebuild a trained model from the directory alone."""
+metrics.jsonl and eval/: reading and writing them safely. Rebuilding the model of a run from its
+directory is :func:`lab.build.load_trained`."""
 from __future__ import annotations
 
 import pickle
@@ -11,54 +12,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lab.errors import LabError
-from tasks.retrieval import TaskConfigError
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = ("best", "last")
 
 
-def _one_line(error: Exception, limit: int = 200) -> str:
+def one_line(error: Exception, limit: int = 200) -> str:
     """An exception's text on one line (user errors are printed as a single ``error:`` line)."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def unwrap_instantiation(error: Exception) -> Exception:
-    """Hydra wraps constructor errors; return the user's real error if there is one."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def build(node: DictConfig, what: str, **kwargs):
-    """``instantiate`` with config errors turned into one clear :class:`LabError`."""
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as error:  # noqa: BLE001 - re-raised below unless it is a config error
-        cause = unwrap_instantiation(error)
-        if isinstance(cause, (LabError, TaskConfigError)):
-            raise LabError(str(cause)) from None
-        if isinstance(cause, (TypeError, InstantiationException)):
-            raise LabError(f"cannot build the {what} from its config: {cause}") from None
-        raise
-
-
-def build_task(cfg: DictConfig):
-    return build(cfg.task, "task", seed=cfg.seed)
-
-
-def build_model(cfg: DictConfig, vocab_size: int, min_len: int):
-    """Instantiate ``cfg.model`` for a vocabulary, checking it fits the longest prompt."""
-    model = build(cfg.model, "model", vocab_size=vocab_size)
-    if getattr(model, "max_len", min_len) < min_len:
-        raise LabError(f"model.max_len={model.max_len} is shorter than the longest prompt ({min_len} tokens); raise it")
-    return model
 
 
 def prepare_new_run(run_dir: Path) -> None:
@@ -91,7 +57,7 @@ def load_config(run_dir: str | Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, UnicodeDecodeError) as error:
-        raise LabError(f"{path} is corrupt ({_one_line(error)}); restore it from the original run") from None
+        raise LabError(f"{path} is corrupt ({one_line(error)}); restore it from the original run") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg or "task" not in cfg:
         raise LabError(f"{path} is not a lab run config (it lacks model/task sections)")
     return cfg
@@ -124,7 +90,7 @@ def load_checkpoint(path: str | Path) -> dict:
             "loaded (weights_only=True); only checkpoints written by this lab are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        detail = f" ({_one_line(error, 160)})" if str(error) else ""
+        detail = f" ({one_line(error, 160)})" if str(error) else ""
         raise LabError(f"checkpoint {path} is corrupt or truncated{detail}; use another checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LabError(f"{path} is not a lab checkpoint (no state_dict)")
@@ -145,32 +111,3 @@ def check_checkpoint_matches(checkpoint: dict, task, path) -> None:
             f"{path} was trained on task {meta['task']!r} with a {len(meta['vocab'])}-token vocabulary, but the run "
             f"config describes task {task.name!r} with {len(task.vocab)} tokens; use the checkpoint of this run"
         )
-
-
-def load_trained_model(run_dir: str | Path, which: str = "best"):
-    """Rebuild (cfg, task, model) from a run directory; the model is in eval mode on CPU."""
-    cfg, task, model, _ = load_trained_run(run_dir, which)
-    return cfg, task, model
-
-
-def load_trained_run(run_dir: str | Path, which: str = "best"):
-    """Like :func:`load_trained_model`, plus the global step the checkpoint was saved at."""
-    cfg = load_config(run_dir)
-    task = build_task(cfg)
-    path = checkpoint_path(run_dir, which)
-    checkpoint = load_checkpoint(path)
-    check_checkpoint_matches(checkpoint, task, path)
-    model = build_model(cfg, len(task.vocab), 1)
-    from lab.models.visual import build_vision_model, uses_images
-
-    if uses_images(cfg):  # encoder weights come from the checkpoint below
-        model = build_vision_model(cfg, model, task, load_weights=False)
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise LabError(
-            f"{path} does not fit the model described by {run_dir}/{CONFIG_FILE}: {_one_line(error, 300)}"
-        ) from None
-    return cfg, task, model.eval(), int(checkpoint.get("global_step", 0))

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.render import Layout, Renderer
-from tasks.retrieval import RetrievalSample, RetrievalTask, TaskConfigError
+from tasks.protocol import TaskConfigError
+from tasks.retrieval import RetrievalSample, RetrievalTask
 from tasks.vocab import BOS, CTX_END, IMG, QUE
 
 _STREAM_POOL, _STREAM_TRAIN, _STREAM_EVAL = 10, 11, 12
@@ -52,6 +53,15 @@ class ImageRetrievalSample(RetrievalSample):
     image_start: int = 1
     n_image_tokens: int = 0
 
+    def objects(self) -> dict:
+        """As for text, plus ``corners``: the top-left (row, col) of each object's box, in pixels."""
+        return {**super().objects(), "corners": [tuple(c) for c in self.context.corners]}
+
+    def roles(self) -> dict[str, list[int]]:
+        """As for text, with ``"image"`` (the image token positions) in place of the context tokens;
+        ``"context_color"``/``"context_shape"`` are empty (objects are image patches)."""
+        return {**super().roles(), "image": list(range(self.image_start, self.image_start + self.n_image_tokens))}
+
 
 class ImageRetrieval:
     """Image-context samples for a :class:`RetrievalTask`, drawn with a :class:`Renderer`."""
@@ -61,7 +71,7 @@ class ImageRetrieval:
             raise TaskConfigError(f"the image needs at least one token, got n_image_tokens={n_image_tokens}")
         if pool_size < 1:
             raise TaskConfigError(f"modality.pool_size must be >= 1, got {pool_size}")
-        most = max(task.id_objects[1], task.ood_objects[1])
+        most = task.max_objects
         if most > renderer.capacity:
             raise TaskConfigError(
                 f"up to {most} objects are requested but the canvas holds {renderer.capacity}; "
@@ -112,11 +122,11 @@ class ImageRetrieval:
         association_positions = []
         for obj in order:
             association_positions.append((len(tokens), len(tokens) + 1))
-            tokens += [t._shape0 + context.shapes[obj], t._item0 + items[obj]]
-        tokens += [self._que, t._color0 + context.colors[query]]
+            tokens += [t.shape_token(context.shapes[obj]), t.item_token(items[obj])]
+        tokens += [self._que, t.color_token(context.colors[query])]
         return ImageRetrievalSample(
             tokens=tokens,
-            answer=t._item0 + items[query],
+            answer=t.item_token(items[query]),
             n_objects=context.n_objects,
             colors=list(context.colors),
             shapes=list(context.shapes),
@@ -128,7 +138,7 @@ class ImageRetrieval:
             query_position=len(tokens) - 1,
             ctx_end_position=ctx_end,
             noise_positions=[],
-            query_shape=t._shape0 + context.shapes[query],
+            query_shape=t.shape_token(context.shapes[query]),
             context=context,
             context_key=key,
             image_start=1,
@@ -146,7 +156,7 @@ class ImageRetrieval:
             out.append(self.sample(rng, self.pool(n)[k], ("pool", n, k)))
         if getattr(self.task, "train_queries", 1) > 1:  # follow-up queries, as for text training
             for sample in out:
-                self.task._add_followups(rng, sample)
+                self.task.add_followups(rng, sample)
         return out
 
     def eval_set(self, split: str) -> list[ImageRetrievalSample]:
@@ -163,5 +173,4 @@ class ImageRetrieval:
 
     @property
     def max_prompt_len(self) -> int:
-        most = max(self.task.id_objects[1], self.task.ood_objects[1])
-        return 1 + self.n_image_tokens + 1 + 2 * most + 2 + 3 * (getattr(self.task, "train_queries", 1) - 1)
+        return 1 + self.n_image_tokens + 1 + 2 * self.task.max_objects + 2 + 3 * (getattr(self.task, "train_queries", 1) - 1)

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from tasks.retrieval import TaskConfigError
+from tasks.protocol import TaskConfigError
 
 SUPERSAMPLE = 4          # sub-pixel samples per axis when rasterising masks
 _PLACE_TRIES = 200       # random placement attempts per object before falling back to a jittered grid

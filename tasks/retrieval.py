@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tasks.protocol import TaskConfigError
 from tasks.vocab import BOS, CTX_END, NOISE, QUE, SPECIAL_TOKENS, Vocab
 
 SPLITS = ("id", "ood")
 _STREAM_TRAIN, _STREAM_EVAL = 0, 1
-
-
-class TaskConfigError(ValueError):
-    """A task setting that cannot produce valid samples."""
 
 
 @dataclass
@@ -52,6 +49,25 @@ class RetrievalSample:
     @property
     def answer_item(self) -> int:
         return self.items[self.query_object]
+
+    def objects(self) -> dict:
+        """Per-object facts (indices, not token ids) for analyses; see :class:`lab.data.batch.Batch`."""
+        return {"colors": self.colors, "shapes": self.shapes, "items": self.items,
+                "association_order": self.association_order, "query_object": self.query_object}
+
+    def roles(self) -> dict[str, list[int]]:
+        """Token roles of the prompt (see :mod:`tasks.protocol`); objects in context order,
+        associations in prompt order."""
+        return {
+            "context_color": [c for c, _ in self.object_positions],
+            "context_shape": [s for _, s in self.object_positions],
+            "ctx_end": [self.ctx_end_position],
+            "association_shape": [s for s, _ in self.association_positions],
+            "association_item": [i for _, i in self.association_positions],
+            "query_marker": [self.query_position - 1],
+            "query": [self.query_position],
+            "noise": list(self.noise_positions),
+        }
 
 
 def _as_range(value, name: str) -> tuple[int, int]:
@@ -135,8 +151,20 @@ class RetrievalTask:
     @property
     def max_prompt_len(self) -> int:
         """Longest prompt any split can produce (for sizing positional tables)."""
-        most = max(self.id_objects[1], self.ood_objects[1])
-        return 4 * most + 4 + self.noise_tokens[1] + 3 * (self.train_queries - 1)
+        return 4 * self.max_objects + 4 + self.noise_tokens[1] + 3 * (self.train_queries - 1)
+
+    @property
+    def max_objects(self) -> int:
+        return max(self.id_objects[1], self.ood_objects[1])
+
+    def color_token(self, color: int) -> int:
+        return self._color0 + int(color)
+
+    def shape_token(self, shape: int) -> int:
+        return self._shape0 + int(shape)
+
+    def item_token(self, item: int) -> int:
+        return self._item0 + int(item)
 
     @property
     def answer_token_ids(self) -> list[int]:
@@ -149,10 +177,10 @@ class RetrievalTask:
         batch = [self.sample(rng, int(rng.integers(lo, hi + 1)), noise) for _ in range(batch_size)]
         if self.train_queries > 1:
             for sample in batch:
-                self._add_followups(rng, sample)
+                self.add_followups(rng, sample)
         return batch
 
-    def _add_followups(self, rng: np.random.Generator, sample: RetrievalSample) -> None:
+    def add_followups(self, rng: np.random.Generator, sample: RetrievalSample) -> None:
         """Extra supervision for training: after the answer, query up to ``train_queries - 1``
         further objects. The first query (what evaluation asks) is unchanged, and causal models
         cannot see the follow-ups from it."""

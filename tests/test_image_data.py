@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from lab.data.batch import IGNORE_INDEX
+
 from lab.data.image import ImageDataModule
 from lab.errors import LabError
 from lab.models.visual import VisualEncoder
@@ -41,14 +43,17 @@ def test_batch_layout(task, encoder):
         t = batch["tokens"][i]
         end = int(batch["answer_pos"][i])
         assert t[0] == v[BOS] and (t[1 : 1 + P] == v[IMG]).all() and t[1 + P] == v[CTX_END]
-        assert int(batch["ctx_end_pos"][i]) == 1 + P and end == 1 + P + 1 + 2 * n + 1
+        roles = {name: [p for p in pos[i].tolist() if p >= 0] for name, pos in batch.roles.items()}
+        assert roles["ctx_end"] == [1 + P] and end == 1 + P + 1 + 2 * n + 1 and roles["query"] == [end]
+        assert roles["image"] == list(range(1, 1 + P)) and roles["context_color"] == [] and roles["query_marker"] == [end - 1]
         assert t[end - 1] == v[QUE] and batch["attend"][i, : end + 1].all() and not batch["attend"][i, end + 1 :].any()
-        colors, shapes, items = (batch[k][i, :n].tolist() for k in ("colors", "shapes", "items"))
-        q = int(batch["query_object"][i])
+        colors, shapes, items = (batch.objects[k][i, :n].tolist() for k in ("colors", "shapes", "items"))
+        q = int(batch.objects["query_object"][i])
         assert v.decode([t[end]])[0] == f"color_{colors[q]}"
         assert v.decode([batch["targets"][i]])[0] == f"item_{items[q]}"
-        for j, (sp, ip) in enumerate(batch["assoc_pos"][i, :n].tolist()):  # associations name the objects' shapes
-            obj = int(batch["assoc_order"][i, j])
+        pairs = zip(roles["association_shape"], roles["association_item"])
+        for j, (sp, ip) in enumerate(pairs):  # associations name the objects' shapes
+            obj = int(batch.objects["association_order"][i, j])
             assert v.decode([t[sp], t[ip]]) == [f"shape_{shapes[obj]}", f"item_{items[obj]}"]
         assert v[IMG] not in t[1 + P :].tolist()
         assert int(task.id_objects[0]) <= n <= int(task.id_objects[1])
@@ -59,7 +64,10 @@ def test_train_batch_is_a_pure_function_of_index(task, encoder):
     x, y = a.train_batch(5), b.train_batch(5)
     assert x.keys() == y.keys()
     for k in x:
-        assert torch.equal(x[k], y[k]), k
+        if isinstance(x[k], dict):
+            assert x[k].keys() == y[k].keys() and all(torch.equal(x[k][n], y[k][n]) for n in x[k]), k
+        else:
+            assert torch.equal(x[k], y[k]), k
     assert not torch.equal(a.train_batch(6)["tokens"], x["tokens"]) or not torch.equal(a.train_batch(6)["targets"], x["targets"])
     stream = iter(a.train_stream)
     assert torch.equal(next(stream)["tokens"], a.train_batch(0)["tokens"])
@@ -122,7 +130,9 @@ def test_follow_up_queries_in_image_training(encoder):
         t = batch["tokens"][i]
         a = int(batch["answer_pos"][i])
         assert int(t[a + 1]) == int(batch["targets"][i])            # the first answer continues the prompt
-        for pos, target in zip(batch["extra_answer_pos"][i].tolist(), batch["extra_targets"][i].tolist()):
-            if pos >= 0:
-                assert v.decode([t[pos - 1]])[0] == "[QUE]" and v.decode([target])[0].startswith("item_")
+        labelled = [p for p in range(t.shape[0]) if batch.labels[i, p] != IGNORE_INDEX]
+        assert labelled[0] == a and len(labelled) == 1 + min(int(batch.n_objects[i]) - 1, 2)
+        for pos in labelled[1:]:
+            target = int(batch.labels[i, pos])
+            assert v.decode([t[pos - 1]])[0] == "[QUE]" and v.decode([target])[0].startswith("item_")
     assert (batch["tokens"] == v["[IMG]"]).sum(1).eq(encoder.n_tokens).all()

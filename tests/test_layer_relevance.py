@@ -14,7 +14,7 @@ from lab.eval.base import EvalContext
 from lab.eval.layer_relevance import LayerRelevanceEvaluator
 from lab.eval.pruning import PruningEvaluator
 from lab.eval.relevance import Ablator, accuracy_relevance, halves, json_clean, similarity_scores
-from lab.eval.snowball import SnowballModel
+from lab.models.snowball import SnowballModel
 from lab.eval.stats import bootstrap_correlations, correlations, rank_confusion, ranking_audit, ranks
 from lab.models.backbone import Backbone
 from tasks.retrieval import RetrievalTask

@@ -66,13 +66,14 @@ def test_intermediate_loss_is_cross_entropy_of_the_readout_at_query_positions():
     model = Backbone(len(task.vocab), n_layers=2, d_model=16, n_heads=2, d_ff=32)
     objective = IntermediateSupervision(layer=1, weight=1.0, n_layers=2)
     h = model.run(batch, capture=[1]).captured[1]
-    loss = objective.loss(model, batch, h)
+    loss = objective.loss_at(model, batch, h)
     terms = []
-    for i in range(4):
-        pairs = [(batch["answer_pos"][i], batch["mid_targets"][i])]
-        pairs += [(p, t) for p, t in zip(batch["extra_answer_pos"][i], batch["extra_mid_targets"][i]) if t >= 0]
+    for i, s in enumerate(task.train_batch(0, 4)):  # by hand from the samples: every query, its shape
+        pairs = [(s.query_position, s.query_shape)] + [
+            (p, shape) for (p, _), shape in zip(s.followup_answers, s.followup_shapes)]
+        assert len(pairs) == 3
         for p, t in pairs:
-            terms.append(F.cross_entropy(model.readout(h[i, p])[None], t[None]))
+            terms.append(F.cross_entropy(model.readout(h[i, p])[None], torch.tensor([t])))
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 
 
@@ -85,30 +86,31 @@ def test_intermediate_weight_anneals_linearly_to_zero():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.intermediate.layer=7", r"train\.intermediate\.layer=7 must lie in 0\.\.2"),
-        ("train.intermediate.anneal=[50,10]", r"needs 0 <= start <= end"),
-        ("train.intermediate.anneal=soon", r"must be null or \[start, end\]"),
+        ("objective.intermediate.layer=7", r"objective\.intermediate\.layer=7 must lie in 0\.\.2"),
+        ("objective.intermediate.anneal=[50,10]", r"needs 0 <= start <= end"),
+        ("objective.intermediate.anneal=soon", r"must be null or \[start, end\]"),
     ],
 )
 def test_bad_intermediate_settings_are_refused(tmp_path, override, message):
     with pytest.raises(LabError, match=message):
-        train(tiny_cfg("train.intermediate.weight=1", override), tmp_path / "run")
+        train(tiny_cfg("objective.intermediate.weight=1", override), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_intermediate_supervision_teaches_the_readout_the_shape_at_its_layer(tmp_path):
     """With the aid on, the logit lens at the supervised layer names the queried shape far
     above chance after a short run; the run records the loss in TensorBoard-visible metrics."""
-    from lab.runs import load_trained_model
+    from lab.build import load_trained
 
     run_dir = tmp_path / "mid"
-    train(tiny_cfg("train.intermediate.weight=1", "train.intermediate.layer=1", "model.token_shift=true",
+    train(tiny_cfg("objective.intermediate.weight=1", "objective.intermediate.layer=1", "model.token_shift=true",
                    "train.max_steps=150", "train.lr=5e-3"), run_dir)
-    _, task, model = load_trained_model(run_dir, "last")
+    _, task, model, _ = load_trained(run_dir, "last")
     batch = collate_text(task.eval_set("id"), task.vocab.pad_id)
     with torch.no_grad():
         lens = model.run(batch, stop=1, positions=batch["answer_pos"]).logits
-    accuracy = (lens.argmax(-1) == batch["mid_targets"]).float().mean().item()
+    shapes = torch.tensor([s.query_shape for s in task.eval_set("id")])
+    accuracy = (lens.argmax(-1) == shapes).float().mean().item()
     assert accuracy > 0.6, accuracy  # chance is 1/(2..3 objects) at best
 
 
@@ -139,7 +141,7 @@ def test_resume_with_the_fast_recipe_matches_an_uninterrupted_run(tmp_path):
     interrupted run resumed across the anneal ends bit-identical to an uninterrupted one."""
     from test_train import Interrupted, InterruptAt, assert_same_weights, weights
 
-    cfg = ("recipe=fast", "train.intermediate.anneal=[10,30]", "train.max_steps=40")
+    cfg = ("recipe=fast", "objective.intermediate.anneal=[10,30]", "train.max_steps=40")
     train(tiny_cfg(*cfg), tmp_path / "straight")
     with pytest.raises(Interrupted):
         train(tiny_cfg(*cfg), tmp_path / "crashed", extra_callbacks=[InterruptAt(20)])
@@ -176,8 +178,8 @@ def test_default_recipe_leaves_the_plateau(tmp_path):
     cfg = compose_cfg("train", ["seed=0", "train.max_steps=800", "train.val_every=50", "train.stop.threshold=0.9",
                                 "train.stop.patience=1", "task.eval_size=256", "trainer.enable_progress_bar=false",
                                 "+trainer.enable_model_summary=false"])
-    assert cfg.model.token_shift and cfg.train.intermediate.weight > 0 and cfg.task.train_queries > 1
-    assert list(cfg.train.intermediate.anneal) == [300, 600]
+    assert cfg.model.token_shift and cfg.objective.intermediate.weight > 0 and cfg.task.train_queries > 1
+    assert list(cfg.objective.intermediate.anneal) == [300, 600]
     metrics = train(cfg, tmp_path / "default")
     assert metrics["val/text_id_acc"] >= 0.9, metrics
     assert metrics["step"] < 800  # stopped on saturation, not on the budget
@@ -190,6 +192,6 @@ def test_intermediate_loss_in_embedding_space_scores_against_the_input_embedding
     objective = IntermediateSupervision(layer=1, weight=1.0, n_layers=2, space="embedding")
     expected = F.layer_norm(h, (8,)) @ model.tok_emb.weight.T
     torch.testing.assert_close(objective.logits(model, h), expected)
-    torch.testing.assert_close(IntermediateSupervision(1, 1.0, 2).logits(model, h), model.readout(h))
+    torch.testing.assert_close(IntermediateSupervision(layer=1, weight=1.0, n_layers=2).logits(model, h), model.readout(h))
     with pytest.raises(LabError, match="space='logit' is unknown"):
-        IntermediateSupervision(1, 1.0, 2, space="logit")
+        IntermediateSupervision(layer=1, weight=1.0, n_layers=2, space="logit")

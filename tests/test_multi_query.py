@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from lab.data.text import collate_text
 from lab.models.backbone import Backbone
-from lab.train.module import RetrievalModule
+from lab.data.batch import IGNORE_INDEX
+from lab.train.objectives import AnswerLoss, labelled_run
 from tasks.retrieval import RetrievalTask
 
 
@@ -46,7 +47,8 @@ def test_first_query_logits_do_not_see_the_followups():
     for s in samples:
         s.followup_tokens, s.followup_answers = [], []
     prompt_only = collate_text(samples, task.vocab.pad_id)
-    assert "extra_answer_pos" in extended and "extra_answer_pos" not in prompt_only
+    assert int((extended.labels != IGNORE_INDEX).sum()) == 4 * len(samples)
+    assert int((prompt_only.labels != IGNORE_INDEX).sum()) == len(samples)
     with torch.no_grad():
         torch.testing.assert_close(model.answer_logits(extended), model.answer_logits(prompt_only))
 
@@ -54,12 +56,15 @@ def test_first_query_logits_do_not_see_the_followups():
 def test_multi_query_loss_averages_every_answer():
     task = RetrievalTask(train_queries=3, seed=0)
     batch = collate_text(task.train_batch(0, 8), task.vocab.pad_id)
-    module = RetrievalModule(Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64))
-    first, loss = module._multi_query_loss(batch)
-    logits = module.model(batch)
-    terms = [F.cross_entropy(logits[i, p], t, reduction="sum")
-             for i in range(8)
-             for p, t in [(batch["answer_pos"][i], batch["targets"][i])]
-             + [(p, t) for p, t in zip(batch["extra_answer_pos"][i], batch["extra_targets"][i]) if t >= 0]]
+    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
+    out = labelled_run(model, batch)
+    loss = AnswerLoss().loss(model, batch, out)
+    logits = model(batch)
+    terms = [F.cross_entropy(logits[i, p], torch.tensor(t), reduction="sum")  # by hand from the samples
+             for i, s in enumerate(task.train_batch(0, 8))
+             for p, t in [(s.query_position, s.answer)] + s.followup_answers]
+    assert len(terms) == sum(1 + min(s.n_objects - 1, 2) for s in task.train_batch(0, 8))
     torch.testing.assert_close(loss, torch.stack(terms).mean())
-    torch.testing.assert_close(first, module.model.answer_logits(batch))
+    torch.testing.assert_close(out.answer_logits, model.answer_logits(batch))
+    first_only = AnswerLoss(followups=False).loss(model, batch, out)
+    torch.testing.assert_close(first_only, F.cross_entropy(model.answer_logits(batch), batch.targets))

@@ -12,7 +12,8 @@ from conftest import LossRecorder, tiny_cfg
 from lab.errors import LabError
 from lab.runs import load_checkpoint
 from lab.train.regime import Phase, PhaseController, Regime, parse_regime, phase_lr_factor
-from lab.train.run import compose, train
+from lab.build import build_training as compose
+from lab.train.run import train
 from test_train import InterruptAt, Interrupted
 
 TWO_PHASES = (

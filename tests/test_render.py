@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tasks.render import Renderer, ShapeBank, mask_distance, palette
-from tasks.retrieval import TaskConfigError
+from tasks.protocol import TaskConfigError
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def test_groups_means_intervals_and_welch_test(tmp_path):
 def test_training_aids_are_named_from_the_config():
     assert training_aids(tiny_cfg("recipe=plain")) == "none"
     assert training_aids(tiny_cfg("recipe=fast")) == "shift+mid@middle~anneal+q4"
-    assert training_aids(tiny_cfg("recipe=fast", "train.intermediate.layer=1", "train.intermediate.anneal=null")) == "shift+mid@1+q4"
+    assert training_aids(tiny_cfg("recipe=fast", "objective.intermediate.layer=1", "objective.intermediate.anneal=null")) == "shift+mid@1+q4"
     assert training_aids(tiny_cfg("model.token_shift=true")) == "shift"
 
 

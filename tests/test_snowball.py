@@ -10,7 +10,7 @@ from lab.errors import LabError
 from lab.eval.layer_relevance import score_split
 from lab.eval.pruning import prune_order
 from lab.eval.relevance import Ablator, halves
-from lab.eval.snowball import AMPLIFIER, LOUD, TINY, SnowballModel
+from lab.models.snowball import AMPLIFIER, LOUD, TINY, SnowballModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

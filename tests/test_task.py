@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tasks.retrieval import RetrievalTask, TaskConfigError
+from tasks.protocol import TaskConfigError
+from tasks.retrieval import RetrievalTask
 from tasks.vocab import BOS, CTX_END, NOISE, QUE, SPECIAL_TOKENS
 
 SMALL = dict(n_colors=10, n_shapes=10, n_items=10, id_objects=(2, 4), ood_objects=(5, 7), eval_size=30)

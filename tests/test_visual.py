@@ -13,8 +13,9 @@ from lab.models.visual import (
     VisionTextModel,
     VisualEncoder,
     build_encoder,
-    build_vision_model,
 )
+from lab.build import build_vision_model
+from tasks.retrieval import RetrievalTask
 from tasks.vocab import IMG, SPECIAL_TOKENS
 
 torch.set_num_threads(1)
@@ -147,14 +148,15 @@ def test_build_vision_model_lab_weights_missing_gives_command(tmp_path):
                     "cache_dir": str(tmp_path), "pretrain": {"steps": 2, "batch_size": 4, "lr": 1e-3, "seed": 0}},
     })
     backbone = Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64)
+    task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=[2, 3], ood_objects=[4, 5])
     with pytest.raises(LabError, match="python pretrain_encoder.py"):
-        build_vision_model(cfg, backbone)
+        build_vision_model(cfg, backbone, task)
     cfg.encoder.auto_pretrain = True
     cfg.encoder.pretrain.eval_size = 8
-    model = build_vision_model(cfg, backbone)   # pretrains (2 steps) into the cache, then loads it
+    model = build_vision_model(cfg, backbone, task)   # pretrains (2 steps) into the cache, then loads it
     files = list(tmp_path.glob("convnext_atto-*/encoder.safetensors"))
     assert len(files) == 1 and (files[0].parent / "metrics.json").is_file()
-    again = build_vision_model(cfg, Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64))
+    again = build_vision_model(cfg, Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64), task)
     for (k, a), b in zip(model.encoder.state_dict().items(), again.encoder.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -183,8 +185,7 @@ def image_cfg(tmp_path, *overrides):
 
 def test_image_run_end_to_end(tmp_path):
     """modality=image: auto-pretrained frozen encoder, 10 training steps, evaluate.py-style reload."""
-    from lab.eval.run import eval_data
-    from lab.runs import load_trained_model
+    from lab.build import build_streams, load_trained
     from lab.train.run import train
 
     cfg = image_cfg(tmp_path)
@@ -192,9 +193,9 @@ def test_image_run_end_to_end(tmp_path):
     metrics = train(cfg, run_dir)
     assert metrics["step"] == 10 and "val/image_id_acc" in metrics and "val/image_ood_acc" in metrics
     assert list((tmp_path / "encoders").glob("convnext_atto-*/encoder.safetensors"))
-    run_cfg, task, model = load_trained_model(run_dir, "last")
+    run_cfg, task, model, _ = load_trained(run_dir, "last")
     assert isinstance(model, VisionTextModel)
-    data = eval_data(run_cfg, task, 64, model)
+    data, _ = build_streams(run_cfg, task, model, eval_batch_size=64)
     assert "image" in data
     batch = next(iter(data["image"].eval_batches("id")))
     logits = model.answer_logits(batch)

@@ -3,14 +3,23 @@ from __future__ import annotations
 
 import lightning as L
 
+from dataclasses import dataclass
+
 from lab.data.datamodule import StepStream, _loader
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """Placeholder for training step ``step``, turned into its batch just before the step runs."""
+
+    step: int
 
 
 class CurriculumStream(StepStream):
     """Infinite stream of training steps; step ``s`` becomes ``data[m].train_batch(s)`` with ``m``
     from the current phase's mix. ``start_step``/``rank``/``world_size`` are set by ``DataStepSync``.
 
-    The iterator yields only ``{"curriculum_step": s}``; the batch is built when the step is
+    The iterator yields only a :class:`PendingStep`; the batch is built when the step is
     actually trained (:meth:`CurriculumDataModule.on_before_batch_transfer`), because Lightning
     prefetches one batch ahead and a phase may end in between.
     """
@@ -24,8 +33,8 @@ class CurriculumStream(StepStream):
         modality = phase.modality_at(self.seed, step)
         return self.data[modality].train_batch(self.index(step), noise=phase.noise)
 
-    def item(self, step: int) -> dict:
-        return {"curriculum_step": step}
+    def item(self, step: int) -> PendingStep:
+        return PendingStep(step)
 
 
 class CurriculumDataModule(L.LightningDataModule):
@@ -41,8 +50,8 @@ class CurriculumDataModule(L.LightningDataModule):
         return _loader(self.train_stream)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if "curriculum_step" in batch:
-            return self.train_stream.batch(int(batch["curriculum_step"]))
+        if isinstance(batch, PendingStep):
+            return self.train_stream.batch(batch.step)
         return batch
 
     def val_dataloader(self):

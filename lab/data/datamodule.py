@@ -91,5 +91,8 @@ class TextDataModule(L.LightningDataModule):
         return [_loader(self.eval_batches(split)) for split in self.task.splits]
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch, device):
+    """A batch (a :class:`~lab.data.batch.Batch` or a plain dict of tensors) on ``device``."""
+    if hasattr(batch, "to") and not isinstance(batch, dict):
+        return batch.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

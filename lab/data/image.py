@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lab.data.batch import Batch
 from lab.data.datamodule import Batched, StepStream, _loader
 from lab.data.text import collate_text
 from lab.errors import LabError
@@ -45,7 +46,7 @@ class ImageStepBatches(StepStream):
         super().__init__()
         self.datamodule = datamodule
 
-    def batch(self, index: int, noise: bool | None = None) -> dict:
+    def batch(self, index: int, noise: bool | None = None) -> Batch:
         return self.datamodule.train_batch(index, noise)
 
 
@@ -77,7 +78,7 @@ class ImageDataModule(L.LightningDataModule):
         if encoder is None:
             raise LabError(
                 "ImageDataModule needs the run model's visual encoder: build the model with "
-                "lab.models.visual.build_vision_model(cfg, backbone) and pass encoder=model.encoder, frozen=model.frozen"
+                "lab.build.build_model(cfg, task) and pass encoder=model.encoder, frozen=model.frozen"
             )
         from omegaconf import DictConfig, OmegaConf
 
@@ -88,8 +89,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"encoder.input_size={encoder.input_size} but render.canvas_size={canvas}; they must match "
                 "(set encoder.input_size=${render.canvas_size})"
             )
-        most = max(task.id_objects[1], task.ood_objects[1])
-        renderer = Renderer(task.n_colors, task.n_shapes, max_objects=most, **render)
+        renderer = Renderer(task.n_colors, task.n_shapes, max_objects=task.max_objects, **render)
         self.task, self.batch_size, self.eval_batch_size, self.noise = task, batch_size, eval_batch_size, noise
         self.encoder, self.frozen, self.render = encoder, bool(frozen), render
         self.images = ImageRetrieval(task, renderer, encoder.n_tokens, pool_size)
@@ -109,7 +109,7 @@ class ImageDataModule(L.LightningDataModule):
     def max_prompt_len(self) -> int:
         return self.images.max_prompt_len
 
-    def train_batch(self, index: int, noise: bool | None = None) -> dict:
+    def train_batch(self, index: int, noise: bool | None = None) -> Batch:
         """Training batch number ``index``: a pure function of (task seed, index).
 
         ``noise`` is accepted like :meth:`TextDataModule.train_batch`; image contexts have no noise tokens.
@@ -129,14 +129,15 @@ class ImageDataModule(L.LightningDataModule):
         return [_loader(self.eval_batches(split)) for split in self.task.splits]
 
     # ------------------------------------------------------------------------- collation
-    def collate(self, samples: list[ImageRetrievalSample]) -> dict:
+    def collate(self, samples: list[ImageRetrievalSample]) -> Batch:
+        """Token batch (roles and objects included, ``corners`` among them) plus the pictures:
+        encoder features when the encoder is frozen, else the images themselves."""
         batch = collate_text(samples, self.task.vocab.pad_id)
-        batch.update(_structure(samples))
         if self.frozen:
-            batch["image_features"] = torch.stack([self._lookup(s.context_key, features=True) for s in samples])
+            batch.image_features = torch.stack([self._lookup(s.context_key, features=True) for s in samples])
         else:
             images = np.stack([self._lookup(s.context_key, features=False) for s in samples])
-            batch["images"] = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+            batch.images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
         return batch
 
     def _lookup(self, key: tuple, features: bool):
@@ -212,29 +213,3 @@ def _group_of(key: tuple) -> tuple[str, int]:
     if key[0] == "pool":
         return f"pool_{key[1]}", key[2]
     return str(key[0]), int(key[1])
-
-
-def _structure(samples: list[ImageRetrievalSample]) -> dict:
-    """Per-sample structure for analyses: positions, objects and where they are drawn (-1 = padding)."""
-    B, N = len(samples), max(s.n_objects for s in samples)
-    assoc = torch.full((B, N, 2), -1, dtype=torch.long)
-    colors = torch.full((B, N), -1, dtype=torch.long)
-    shapes = torch.full((B, N), -1, dtype=torch.long)
-    items = torch.full((B, N), -1, dtype=torch.long)
-    corners = torch.full((B, N, 2), -1, dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = s.n_objects
-        assoc[i, :n] = torch.tensor(s.association_positions)
-        colors[i, :n], shapes[i, :n], items[i, :n] = torch.tensor(s.colors), torch.tensor(s.shapes), torch.tensor(s.items)
-        corners[i, :n] = torch.tensor(s.context.corners)
-    return {
-        "ctx_end_pos": torch.tensor([s.ctx_end_position for s in samples]),
-        "image_start": torch.tensor([s.image_start for s in samples]),
-        "assoc_pos": assoc,            # [B, N, 2] (shape position, item position), in association order
-        "assoc_order": torch.tensor([s.association_order + [-1] * (N - s.n_objects) for s in samples]),
-        "query_object": torch.tensor([s.query_object for s in samples]),
-        "colors": colors,
-        "shapes": shapes,
-        "items": items,
-        "object_corners": corners,     # [B, N, 2] top-left (row, col) of each object's box, px
-    }

@@ -1,49 +1,74 @@
-"""Turn task samples into padded text-token batches."""
+"""Turn task samples into padded token batches (:class:`lab.data.batch.Batch`)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
-from tasks.retrieval import RetrievalSample
+from lab.data.batch import IGNORE_INDEX, Batch, padded
 
 
-def collate_text(samples: Sequence[RetrievalSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch.
+def collate_text(samples: Sequence, pad_id: int) -> Batch:
+    """Right-padded batch of task samples (anything with the :class:`tasks.protocol.Sample` members).
 
-    Keys: ``tokens`` [B, T], ``attend`` [B, T] (False on padding and noise tokens),
-    ``answer_pos`` [B] (the last prompt token, where the answer is read), ``targets`` [B],
-    ``n_objects`` [B], ``mid_targets`` [B] (the queried object's shape token, the intermediate
-    variable; -1 when unknown). Training samples with follow-up queries also give
-    ``extra_answer_pos``, ``extra_targets`` and ``extra_mid_targets`` [B, K] (-1 where a sample has
-    fewer), read only by the training loss.
+    Training samples with follow-up queries (``followup_tokens``/``followup_answers``) are
+    continued by them, and their answers are labelled too; evaluation reads only ``answer_pos``.
+    ``roles`` come from ``sample.roles()``, ``objects`` from ``sample.objects()`` when defined,
+    ``mid_labels`` from ``query_shape``/``followup_shapes`` when the task has an intermediate variable.
     """
-    sequences = [s.tokens + s.followup_tokens for s in samples]
+    sequences = [list(s.tokens) + list(getattr(s, "followup_tokens", [])) for s in samples]
     B, T = len(samples), max(len(seq) for seq in sequences)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     attend = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mid = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     for i, (s, seq) in enumerate(zip(samples, sequences)):
         tokens[i, : len(seq)] = torch.tensor(seq)
         attend[i, : len(seq)] = True
-        if s.noise_positions:
-            attend[i, s.noise_positions] = False
-    batch = {
-        "tokens": tokens,
-        "attend": attend,
-        "answer_pos": torch.tensor([s.query_position for s in samples]),
-        "targets": torch.tensor([s.answer for s in samples]),
-        "n_objects": torch.tensor([s.n_objects for s in samples]),
-        "mid_targets": torch.tensor([s.query_shape for s in samples]),
-    }
-    K = max(len(s.followup_answers) for s in samples)
-    if K:
-        extra = torch.full((3, B, K), -1, dtype=torch.long)
-        for i, s in enumerate(samples):
-            if s.followup_answers:
-                extra[:2, i, : len(s.followup_answers)] = torch.tensor(s.followup_answers).T
-                extra[2, i, : len(s.followup_shapes)] = torch.tensor(s.followup_shapes)
-        batch["extra_answer_pos"], batch["extra_targets"], batch["extra_mid_targets"] = extra
-    return batch
+        noise = getattr(s, "noise_positions", None)
+        if noise:
+            attend[i, noise] = False
+        labels[i, s.query_position] = s.answer
+        followups = getattr(s, "followup_answers", [])
+        for position, answer in followups:
+            labels[i, position] = answer
+        if getattr(s, "query_shape", -1) >= 0:
+            mid[i, s.query_position] = s.query_shape
+            for (position, _), shape in zip(followups, getattr(s, "followup_shapes", [])):
+                mid[i, position] = shape
+    roles = {}
+    if hasattr(samples[0], "roles"):
+        per_sample = [s.roles() for s in samples]
+        roles = {name: padded([r.get(name, []) for r in per_sample]) for name in per_sample[0]}
+    objects = {}
+    if hasattr(samples[0], "objects"):
+        per_sample = [s.objects() for s in samples]
+        for name, value in per_sample[0].items():
+            rows = [o[name] for o in per_sample]
+            objects[name] = torch.tensor(rows) if isinstance(value, int) else _pad_nested(rows)
+    return Batch(
+        tokens=tokens,
+        attend=attend,
+        labels=labels,
+        answer_pos=torch.tensor([s.query_position for s in samples]),
+        targets=torch.tensor([s.answer for s in samples]),
+        n_objects=torch.tensor([getattr(s, "n_objects", 0) for s in samples]),
+        roles=roles,
+        objects=objects,
+        mid_labels=mid if bool((mid != IGNORE_INDEX).any()) else None,
+    )
+
+
+def _pad_nested(rows: list[list]) -> torch.Tensor:
+    """[B, N] (or [B, N, k] for lists of tuples) long tensor, padded with -1."""
+    if any(rows) and isinstance(next(r for r in rows if r)[0], (tuple, list)):
+        width = len(next(r for r in rows if r)[0])
+        out = torch.full((len(rows), max(len(r) for r in rows), width), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                out[i, : len(row)] = torch.tensor(row)
+        return out
+    return padded(rows)
 
 
 class FixedLengthData:
@@ -55,17 +80,21 @@ class FixedLengthData:
     def __init__(self, task, batch_size: int, n_objects: int = 0) -> None:
         self.task, self.batch_size, self.n_objects = task, batch_size, n_objects
 
-    def eval_batches(self, split: str) -> list[dict]:
+    def eval_batches(self, split: str) -> list[Batch]:
         samples = self.task.eval_set(split)
         out = []
         for i in range(0, len(samples), self.batch_size):
             chunk = samples[i : i + self.batch_size]
             tokens = torch.tensor([s.tokens for s in chunk])
-            out.append({
-                "tokens": tokens,
-                "attend": torch.ones_like(tokens, dtype=torch.bool),
-                "answer_pos": torch.full((len(chunk),), tokens.shape[1] - 1),
-                "targets": torch.tensor([s.answer for s in chunk]),
-                "n_objects": torch.full((len(chunk),), self.n_objects, dtype=torch.long),
-            })
+            B, T = tokens.shape
+            labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+            labels[:, -1] = torch.tensor([s.answer for s in chunk])
+            out.append(Batch(
+                tokens=tokens,
+                attend=torch.ones_like(tokens, dtype=torch.bool),
+                labels=labels,
+                answer_pos=torch.full((B,), T - 1),
+                targets=labels[:, -1].clone(),
+                n_objects=torch.full((B,), self.n_objects, dtype=torch.long),
+            ))
         return out

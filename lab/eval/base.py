@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -16,7 +17,10 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from lab.data.datamodule import to_device
+from lab.errors import LabError
 from lab.models.interface import ResidualModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +39,34 @@ class EvalContext:
     @property
     def modalities(self) -> list[str]:
         return list(self.data)
+
+    def choose_splits(self, splits=None) -> list[str]:
+        """``splits`` checked against the task's (all of them when empty)."""
+        available = list(self.task.splits)
+        chosen = list(splits) if splits else available
+        unknown = [s for s in chosen if s not in available]
+        if unknown:
+            raise LabError(f"unknown split(s) {unknown}; the task has {available}")
+        return chosen
+
+    def choose_modalities(self, modalities=None) -> list[str]:
+        """``modalities`` (data streams) checked against the context's (all of them when empty)."""
+        chosen = list(modalities) if modalities else self.modalities
+        unknown = [m for m in chosen if m not in self.modalities]
+        if unknown:
+            raise LabError(f"unknown modality(ies) {unknown}; the context has {self.modalities}")
+        return chosen
+
+    def pairs(self, split: str, n: int, seed: int = 0, modality: str = "text", **options):
+        """Paired (base, counterfactual) batches drawn by the task (``task.counterfactual_pairs``),
+        collated like the context's other batches and on its device; with the pair specs."""
+        make = getattr(self.task, "counterfactual_pairs", None)
+        if make is None:
+            raise LabError(f"task {self.task.name!r} does not define counterfactual pairs")
+        specs = make(split, n, seed=seed, **options)
+        collate = self.data[modality].collate
+        return specs, to_device(collate([p.base for p in specs]), self.device), to_device(
+            collate([p.counterfactual for p in specs]), self.device)
 
     def batches(self, split: str, modality: str = "text") -> Iterator[dict]:
         """Fixed evaluation batches of a split, on the context's device."""
@@ -72,6 +104,19 @@ class EvalContext:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"eval/{prefix}/{key}", value, self.step)
+
+
+def run_evaluators(ctx: EvalContext, evaluators: list) -> dict:
+    results = {}
+    try:
+        for evaluator in evaluators:
+            log.info("running evaluator %s", evaluator.name)
+            results[evaluator.name] = evaluator(ctx)
+            log.info("wrote %s/%s.json", ctx.out_dir, evaluator.name)
+    finally:
+        if ctx.writer is not None:
+            ctx.writer.close()
+    return results
 
 
 class Evaluator:

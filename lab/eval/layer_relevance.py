@@ -33,7 +33,8 @@ from lab.eval.stats import bootstrap_correlations, correlation, correlations, ra
 log = logging.getLogger(__name__)
 
 
-def _check_common(operators, calibration_fraction, n_boot):
+def check_settings(operators, calibration_fraction, n_boot):
+    """Refuse ablation settings shared by the relevance and pruning evaluators."""
     bad = [op for op in operators if op not in OPERATORS]
     if bad:
         raise LabError(f"unknown ablation operator(s) {bad}; choose from {list(OPERATORS)}")
@@ -41,23 +42,6 @@ def _check_common(operators, calibration_fraction, n_boot):
         raise LabError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
     if n_boot < 0:
         raise LabError(f"n_boot must be >= 0, got {n_boot}")
-
-
-def _splits(ctx: EvalContext, splits) -> list[str]:
-    available = list(ctx.task.splits)
-    chosen = list(splits) if splits else available
-    unknown = [s for s in chosen if s not in available]
-    if unknown:
-        raise LabError(f"unknown split(s) {unknown}; the task has {available}")
-    return chosen
-
-
-def _modalities(ctx: EvalContext, modalities) -> list[str]:
-    chosen = list(modalities) if modalities else ctx.modalities
-    unknown = [m for m in chosen if m not in ctx.modalities]
-    if unknown:
-        raise LabError(f"unknown modality(ies) {unknown}; the context has {ctx.modalities}")
-    return chosen
 
 
 def score_split(model, calib, evaluation, chance_calib, chance_eval, operators=OPERATORS, angular_n=1,
@@ -145,7 +129,7 @@ class LayerRelevanceEvaluator(Evaluator):
     def __init__(self, operators=("skip", "mean"), angular_n: int = 1, calibration_fraction: float = 0.5,
                  n_boot: int = 1000, seed: int = 0, splits=None, modalities=None, heldout: bool = True,
                  plots: bool = True) -> None:
-        _check_common(list(operators), calibration_fraction, n_boot)
+        check_settings(list(operators), calibration_fraction, n_boot)
         if angular_n < 1:
             raise LabError(f"angular_n must be >= 1, got {angular_n}")
         self.operators, self.angular_n = list(operators), int(angular_n)
@@ -155,9 +139,9 @@ class LayerRelevanceEvaluator(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict:
         ctx.model.eval()
         results, rows = {}, []
-        for modality in _modalities(ctx, self.modalities):
+        for modality in ctx.choose_modalities(self.modalities):
             results[modality] = {}
-            for split in _splits(ctx, self.splits):
+            for split in ctx.choose_splits(self.splits):
                 calib, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
                 res = score_split(
                     ctx.model, calib, evaluation,

@@ -27,7 +27,7 @@ import numpy as np
 from lab.errors import LabError
 from lab.eval import relevance_plots as plots
 from lab.eval.base import EvalContext, Evaluator
-from lab.eval.layer_relevance import _check_common, _modalities, _splits
+from lab.eval.layer_relevance import check_settings
 from lab.eval.relevance import Ablator, chance_accuracy, halves, json_clean, similarity_scores
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class PruningEvaluator(Evaluator):
             raise LabError(f"unknown pruning mode(s) {bad}; choose from {list(MODES)}")
         if cosine_score not in ("cosine_all", "cosine_last"):
             raise LabError(f"cosine_score must be cosine_all or cosine_last, got {cosine_score!r}")
-        _check_common(list(operators), calibration_fraction, 0)
+        check_settings(list(operators), calibration_fraction, 0)
         if random_repeats < 1:
             raise LabError(f"random_repeats must be >= 1, got {random_repeats}")
         self.criteria, self.modes, self.operators = list(criteria), list(modes), list(operators)
@@ -121,13 +121,13 @@ class PruningEvaluator(Evaluator):
         ctx.model.eval()
         model, L = ctx.model, ctx.model.n_layers
         n_remove = self._n_remove(L)
-        splits = _splits(ctx, self.splits)
-        self.calibration_split = self.calibration_split or ctx.task.splits[0]
-        if self.calibration_split not in ctx.task.splits:
-            raise LabError(f"calibration_split={self.calibration_split!r} is not a split of the task ({list(ctx.task.splits)})")
+        splits = ctx.choose_splits(self.splits)
+        calibration_split = self.calibration_split or ctx.task.splits[0]
+        if calibration_split not in ctx.task.splits:
+            raise LabError(f"calibration_split={calibration_split!r} is not a split of the task ({list(ctx.task.splits)})")
         results, rows = {}, []
-        for modality in _modalities(ctx, self.modalities):
-            calib, _, _ = halves(ctx.batches(self.calibration_split, modality), self.calibration_fraction)
+        for modality in ctx.choose_modalities(self.modalities):
+            calib, _, _ = halves(ctx.batches(calibration_split, modality), self.calibration_fraction)
             eval_sets, chance = {}, {}
             for split in splits:
                 _, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
@@ -143,7 +143,7 @@ class PruningEvaluator(Evaluator):
                         runs = [self._curve(model, calib, eval_sets, criterion, mode, op, n_remove, self.seed + r)
                                 for r in range(repeats)]
                         curve = {"criterion": criterion, "mode": mode, "operator": op,
-                                 "calibration_split": self.calibration_split, "chance": chance,
+                                 "calibration_split": calibration_split, "chance": chance,
                                  "removed": runs[0]["removed"], "trace": runs[0]["trace"],
                                  "calibration_accuracy": runs[0]["calibration_accuracy"]}
                         for key in ("accuracy", "loss"):
@@ -156,7 +156,7 @@ class PruningEvaluator(Evaluator):
                         for split in splits:
                             for k, acc in enumerate(curve["accuracy"][split]):
                                 rows.append({"modality": modality, "operator": op, "criterion": criterion, "mode": mode,
-                                             "calibration_split": self.calibration_split, "eval_split": split,
+                                             "calibration_split": calibration_split, "eval_split": split,
                                              "n_removed": k, "removed_block": curve["removed"][k - 1] if k else "",
                                              "accuracy": acc, "loss": curve["loss"][split][k], "chance": chance[split]})
                         ctx.log_scalars(f"pruning/{modality}_{op}_{criterion}_{mode}",
@@ -165,7 +165,7 @@ class PruningEvaluator(Evaluator):
                 ctx.save_figure(f"{self.name}_{modality}_{op}",
                                 plots.pruning_figure(curves, splits, f"{modality} / {op}", L))
         config = {"criteria": self.criteria, "modes": self.modes, "operators": self.operators,
-                  "calibration_split": self.calibration_split, "calibration_fraction": self.calibration_fraction,
+                  "calibration_split": calibration_split, "calibration_fraction": self.calibration_fraction,
                   "n_removed_max": n_remove, "random_repeats": self.random_repeats, "seed": self.seed,
                   "cosine_score": self.cosine_score, "angular_n": self.angular_n}
         ctx.write_json(self.name, json_clean({"config": config, "results": results}))

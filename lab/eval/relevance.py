@@ -43,8 +43,10 @@ def _is_calibration(n: int, fraction: float, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def take_rows(batch: dict, keep: Tensor) -> dict:
-    """Rows ``keep`` ([B] bool) of every per-sample tensor in a batch."""
+def take_rows(batch, keep: Tensor):
+    """Rows ``keep`` ([B] bool) of every per-sample tensor in a batch (a Batch or a plain dict)."""
+    if hasattr(batch, "rows"):
+        return batch.rows(keep)
     B = keep.shape[0]
     out = {}
     for key, value in batch.items():

@@ -4,7 +4,7 @@ hand-built model such as the snowball construction (``experiment=snowball``).
 Data, in order of precedence:
 
 - ``data.text_file=<file>``: next-token accuracy on windows of a local text file
-  (:mod:`lab.eval.text_file`);
+  (:mod:`tasks.text_file`);
 - ``task=retrieval`` (or another task config): the lab's task, text modality, token ids used
   as they are (the model's vocabulary must cover the task's; meaningful for models that use the
   lab's token ids);
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from lab import runs
+from lab.build import build, build_task
 from lab.errors import LabError
-from lab.eval.base import EvalContext
+from lab.eval.base import EvalContext, run_evaluators
 from lab.models.interface import ResidualModel
 
 
@@ -31,7 +31,7 @@ def _data(cfg: DictConfig, model):
     batch_size = int(cfg.batch_size)
     if data_cfg.get("text_file"):
         from lab.data.text import FixedLengthData
-        from lab.eval.text_file import TextFileTask
+        from tasks.text_file import TextFileTask
 
         task = TextFileTask(
             data_cfg.text_file, seq_len=data_cfg.get("seq_len", 64), stride=data_cfg.get("stride"),
@@ -42,7 +42,7 @@ def _data(cfg: DictConfig, model):
     if cfg.get("task") is not None:
         from lab.data.datamodule import TextDataModule
 
-        task = runs.build(cfg.task, "task", seed=cfg.get("seed", 0))
+        task = build_task(cfg)
         vocab = getattr(model, "vocab_size", None)
         if vocab is not None and len(task.vocab) > vocab:
             raise LabError(f"the task's {len(task.vocab)} tokens do not fit the model's vocabulary of {vocab}")
@@ -52,9 +52,9 @@ def _data(cfg: DictConfig, model):
     raise LabError("no evaluation data: pass data.text_file=<local text file> or task=retrieval")
 
 
-def evaluate_model(cfg: DictConfig, build_evaluators, run_evaluators) -> dict:
-    evaluators = build_evaluators(cfg)
-    model = runs.build(cfg.model, "model")
+def evaluate_model(cfg: DictConfig, evaluators: list) -> dict:
+    """Run ``evaluators`` on the model of ``cfg.model`` (no run directory) and its data."""
+    model = build(cfg.model, "model")
     if not isinstance(model, ResidualModel):
         raise LabError(f"model={cfg.model.get('_target_')} does not build a residual-stream model")
     task, data = _data(cfg, model)

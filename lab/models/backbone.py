@@ -78,7 +78,7 @@ def previous_attendable(attend: Tensor) -> Tensor:
 
 class Backbone(ResidualModel):
     """The lab's transformer. ``embed`` also accepts precomputed input embeddings for
-    placeholder tokens (``batch['inject']`` [B, P, D] written at ``batch['inject_mask']``),
+    placeholder tokens (``embed(batch, inject=(values, mask))``),
     which is how projected image tokens enter the residual stream.
 
     ``token_shift=True`` adds a previous-token prior: h_0 at position t also receives a learned
@@ -133,14 +133,17 @@ class Backbone(ResidualModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, batch: Mapping[str, Tensor]) -> Stream:
+    def embed(self, batch: Mapping[str, Tensor], inject: tuple[Tensor, Tensor] | None = None) -> Stream:
+        """Token embeddings (+ token shift, + positions). ``inject`` = (values [B, P, D], mask
+        [B, T] bool) writes externally computed vectors (e.g. image tokens) at the masked positions."""
         tokens = batch["tokens"]
         B, T = tokens.shape
         if T > self.max_len:
             raise ModelConfigError(f"sequence of length {T} exceeds model.max_len={self.max_len}")
         h = self.tok_emb(tokens)
-        if "inject" in batch:
-            h = h.masked_scatter(batch["inject_mask"][..., None], batch["inject"].to(h.dtype))
+        if inject is not None:
+            values, mask = inject
+            h = h.masked_scatter(mask[..., None], values.to(h.dtype))
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         if self.shift is not None:
             previous = previous_attendable(batch["attend"])
@@ -159,3 +162,6 @@ class Backbone(ResidualModel):
 
     def readout(self, h: Tensor) -> Tensor:
         return self.head(self.ln_f(h))
+
+    def token_embedding(self) -> Tensor:
+        return self.tok_emb.weight

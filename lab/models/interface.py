@@ -81,6 +81,10 @@ class ResidualModel(nn.Module):
     def readout(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def token_embedding(self) -> Tensor | None:
+        """The input token embedding matrix [V, D], or None if the model has none to offer."""
+        return None
+
     # ------------------------------------------------------------------ primitives
     def run(
         self,
@@ -102,7 +106,8 @@ class ResidualModel(nn.Module):
         - ``skip``: blocks to remove (the residual passes through unchanged).
         - ``capture``: layers l (0..L) whose h_l is returned, as seen by block l (after edits).
         - ``edits``: {l: fn(h_l) -> h_l'} applied before block l (l = L edits the final stream).
-        - ``positions``: [B] index per sample; read out only there (logits [B, V]).
+        - ``positions``: [B] index per sample; read out only there (logits [B, V]); or a [B, T]
+          bool mask: read out at its True positions, row-major (logits [N, V]).
         - ``knockout`` [B, T, T] bool blocks attention pairs in ``knockout_layers`` (default all).
         - ``stop``: last layer to reach (default L); with ``stop < L`` the logits are those of
           the readout applied to h_stop (a logit lens).
@@ -129,7 +134,9 @@ class ResidualModel(nn.Module):
             state = replace(stream, h=h, knockout=ko if ko is not None else stream.knockout)
             h = self.block(layer, state)
         final = stream.with_h(h)
-        if positions is not None:
+        if positions is not None and positions.dtype == torch.bool:
+            h = h[positions]
+        elif positions is not None:
             h = h[torch.arange(h.shape[0], device=h.device), positions]
         return RunOutput(logits=self.readout(h), captured=captured, stream=final)
 

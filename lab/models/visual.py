@@ -9,11 +9,11 @@
   ``batch['images']`` (or precomputed ``batch['image_features']``, the encoder output before the
   projector) into image tokens and writes them at the ``[IMG]`` placeholder positions; text-only
   batches pass straight to the backbone.
-- :func:`build_vision_model`: the model of an image run from its config (``cfg.encoder``,
-  ``cfg.render``, ``cfg.task``), including where the encoder weights come from.
+- :func:`build_encoder`: a :class:`VisualEncoder` from its own config node (``cfg.encoder``);
+  the run's model is put together by :func:`lab.build.build_model`.
 
 Encoder weights (``encoder.weights``): ``lab`` (default; the lab's own encoder pretraining,
-see :mod:`lab.train.encoder_pretrain`), ``random``, ``timm`` (timm's pretrained weights, only if
+see :mod:`lab.train.encoder_pretrain`, resolved by :mod:`lab.build`), ``random``, ``timm`` (timm's pretrained weights, only if
 already on this machine: nothing is downloaded) or a path to a local ``.safetensors`` / torch file.
 """
 from __future__ import annotations
@@ -51,6 +51,12 @@ def _timm():
     import timm
 
     return timm
+
+
+def check_encoder_name(name: str) -> None:
+    """Raise the unknown-name error (with close timm names) unless timm knows ``name``."""
+    if not _timm().is_model(name):
+        create_trunk(name)
 
 
 def create_trunk(name: str, model_kwargs: Mapping | None = None, pretrained_file: str | None = None) -> nn.Module:
@@ -282,9 +288,17 @@ class VisionTextModel(ResidualModel):
             self.encoder.eval()  # frozen: BatchNorm statistics and dropout stay fixed
         return self
 
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the image tokens when they form a spatial grid, else None."""
+        return self.encoder.grid
+
+    def token_embedding(self) -> Tensor | None:
+        return self.backbone.token_embedding()
+
     def image_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Projected image tokens [B, P, D] from precomputed features or from images."""
-        if "image_features" in batch:
+        if batch.get("image_features") is not None:
             features = batch["image_features"]
         elif self.frozen:
             with torch.no_grad():
@@ -294,7 +308,7 @@ class VisionTextModel(ResidualModel):
         return self.projector(features)
 
     def embed(self, batch: Mapping[str, Tensor]) -> Stream:
-        if "image_features" not in batch and "images" not in batch:
+        if batch.get("image_features") is None and batch.get("images") is None:
             return self.backbone.embed(batch)
         inject = self.image_tokens(batch)
         mask = batch["tokens"] == self.img_token_id
@@ -304,7 +318,7 @@ class VisionTextModel(ResidualModel):
                 f"image batch has {counts.tolist()[:4]}... [IMG] tokens per sample but the encoder gives "
                 f"{inject.shape[1]} image tokens; build image batches with lab.data.image.ImageDataModule"
             )
-        return self.backbone.embed({**batch, "inject": inject, "inject_mask": mask})
+        return self.backbone.embed(batch, inject=(inject, mask))
 
     def block(self, layer: int, stream: Stream) -> Tensor:
         return self.backbone.block(layer, stream)
@@ -330,96 +344,19 @@ def _plain(node) -> dict:
     return dict(node or {})
 
 
-def is_image_node(node) -> bool:
-    """Whether a modality config node builds an :class:`~lab.data.image.ImageDataModule`."""
-    return node is not None and str(_cfg_get(node, "_target_", "")).endswith("ImageDataModule")
-
-
-def uses_images(cfg) -> bool:
-    """Whether a run uses images anywhere (``cfg.modality`` or a regime's ``data`` entries), so
-    that its model is a :class:`VisionTextModel`."""
-    regime = cfg.get("regime") or {}
-    nodes = [cfg.get("modality"), *((regime.get("data") or {}).values())]
-    return any(is_image_node(node) for node in nodes)
-
-
-def image_data_kwargs(node, model) -> dict:
-    """Extra constructor arguments of a modality node: the encoder for image data, nothing for text."""
-    if not is_image_node(node):
-        return {}
-    if not isinstance(model, VisionTextModel):
-        raise LabError("image data needs the run model to be a VisionTextModel (lab.models.visual.build_vision_model)")
-    return {"encoder": model.encoder, "frozen": model.frozen}
-
-
 def build_encoder(enc_cfg, weights: str | None = None) -> VisualEncoder:
     """A :class:`VisualEncoder` from ``cfg.encoder`` with ``random``/``timm``/file weights.
 
-    (``lab`` weights are resolved by :func:`build_vision_model`, which knows the render/task.)
+    (``lab`` weights are resolved by :func:`lab.build.build_model`, which knows the render/task.)
     """
     weights = str(weights if weights is not None else _cfg_get(enc_cfg, "weights", "random"))
     name = str(_cfg_get(enc_cfg, "name"))
     kwargs = dict(name=name, layer=_cfg_get(enc_cfg, "layer"), input_size=int(_cfg_get(enc_cfg, "input_size", 48)),
                   model_kwargs=_plain(_cfg_get(enc_cfg, "model_kwargs", {})), pool=int(_cfg_get(enc_cfg, "pool", 1)))
     if weights == "timm":
-        if not _timm().is_model(name):
-            create_trunk(name)  # raises the unknown-name error
+        check_encoder_name(name)
         return VisualEncoder(**kwargs, pretrained_file=timm_pretrained_file(name))
     encoder = VisualEncoder(**kwargs)
     if weights not in WEIGHT_SOURCES:
         encoder.load_trunk_weights(load_weights_file(weights), f"encoder weights {weights}")
     return encoder
-
-
-def build_vision_model(cfg, backbone: ResidualModel, task=None, load_weights: bool = True) -> VisionTextModel:
-    """The image-capable model of a run: ``backbone`` + encoder (``cfg.encoder``) + projector.
-
-    ``task`` gives the ``[IMG]`` token id (default: its place among the special tokens).
-    ``load_weights=False`` skips fetching encoder weights (use it when a run checkpoint that
-    already holds them is loaded next, as ``evaluate.py`` does).
-    """
-    from tasks.vocab import IMG, SPECIAL_TOKENS
-
-    enc = cfg.get("encoder")
-    if enc is None:
-        raise LabError("an image run needs an encoder: add encoder=<name> (see conf/encoder/)")
-    weights = str(_cfg_get(enc, "weights", "lab"))
-    _check_render(cfg)  # a canvas too small for the task is refused before any pretraining
-    if not _timm().is_model(str(_cfg_get(enc, "name"))):
-        create_trunk(str(_cfg_get(enc, "name")))  # raises the unknown-name error with suggestions
-    if not load_weights:
-        encoder = build_encoder(enc, "random")
-    elif weights == "lab":
-        from lab.train.encoder_pretrain import ensure_pretrained_encoder
-
-        path = ensure_pretrained_encoder(cfg)
-        encoder = build_encoder(enc, str(path))
-    else:
-        encoder = build_encoder(enc, weights)
-    longest = 1 + encoder.n_tokens + 1 + 2 * _most_objects(cfg) + 2 + 3 * (int((cfg.get("task") or {}).get("train_queries", 1) or 1) - 1)
-    if getattr(backbone, "max_len", longest) < longest:
-        raise LabError(
-            f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
-            f"{backbone.max_len}; raise model.max_len or use an encoder with fewer tokens"
-        )
-    projector = Projector(encoder.dim, int(backbone.d_model), str(_cfg_get(enc, "projector", "mlp")))
-    img_id = task.vocab[IMG] if task is not None else SPECIAL_TOKENS.index(IMG)  # vocabularies start with these
-    return VisionTextModel(backbone, encoder, projector, img_id, frozen=bool(_cfg_get(enc, "frozen", True)))
-
-
-def _most_objects(cfg) -> int:
-    task = cfg.get("task") or {}
-    try:
-        return int(max(task["id_objects"][1], task["ood_objects"][1]))
-    except (KeyError, TypeError, IndexError):
-        return 0
-
-
-def _check_render(cfg) -> None:
-    from tasks.render import Renderer
-
-    render, task = cfg.get("render"), cfg.get("task")
-    if render is None or task is None:
-        return
-    r = _plain(render)
-    Renderer(int(task["n_colors"]), int(task["n_shapes"]), max_objects=_most_objects(cfg), **r)

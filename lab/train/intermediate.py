@@ -1,7 +1,7 @@
-"""Optional intermediate supervision (off by default: ``train.intermediate.weight=0``).
+"""Intermediate supervision, an objective part (off by default: ``objective.intermediate.weight=0``).
 
 The two-hop task has an intermediate variable: the shape of the queried object (hop 1: colour ->
-shape; hop 2: shape -> item). This objective trains the residual stream at layer ``layer``, at
+shape; hop 2: shape -> item). This part trains the residual stream at layer ``layer``, at
 every query position, to predict that shape token through the model's own readout (a logit lens
 target). It hands the model the first hop, which is what lets it compose the two (docs/learning.md).
 
@@ -16,57 +16,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lab.data.batch import IGNORE_INDEX
 from lab.errors import LabError
+from lab.train.objectives import LabelledRun, Objective
 
 
-class IntermediateSupervision:
+class IntermediateSupervision(Objective):
     """Cross-entropy of ``readout(h_layer)`` at the query positions against the queried shape."""
 
-    def __init__(self, layer: int, weight: float, n_layers: int, anneal=None, space: str = "readout") -> None:
+    def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
+                 space: str = "readout", n_layers: int | None = None) -> None:
+        super().__init__(weight, anneal, "intermediate")
+        n_layers = model.n_layers if n_layers is None else n_layers
+        layer = n_layers // 2 if layer is None else layer
         if not 0 <= layer <= n_layers:
-            raise LabError(f"train.intermediate.layer={layer} must lie in 0..{n_layers} (the model's layers)")
-        if weight < 0:
-            raise LabError(f"train.intermediate.weight must be >= 0, got {weight}")
+            raise LabError(f"objective.intermediate.layer={layer} must lie in 0..{n_layers} (the model's layers)")
         if space not in ("readout", "embedding"):
-            raise LabError(f"train.intermediate.space={space!r} is unknown; choose readout or embedding")
-        self.layer, self.weight, self.space = int(layer), float(weight), space
-        self.anneal = None
-        if anneal is not None:
-            try:
-                start, end = (int(v) for v in anneal)
-            except (TypeError, ValueError):
-                raise LabError(f"train.intermediate.anneal must be null or [start, end] steps, got {anneal!r}") from None
-            if not 0 <= start <= end:
-                raise LabError(f"train.intermediate.anneal={[start, end]} needs 0 <= start <= end")
-            self.anneal = (start, end)
+            raise LabError(f"objective.intermediate.space={space!r} is unknown; choose readout or embedding")
+        self.layer, self.space = int(layer), space
+        self.layers = (self.layer,)
 
-    def weight_at(self, step: int) -> float:
-        """The loss weight at global step ``step`` (constant, or fading linearly to 0)."""
-        if self.anneal is None:
-            return self.weight
-        start, end = self.anneal
-        if step < start:
-            return self.weight
-        if step >= end:
-            return 0.0
-        return self.weight * (end - step) / (end - start)
+    def loss(self, model, batch, out: LabelledRun) -> torch.Tensor:
+        return self.loss_at(model, batch, out.captured[self.layer])
 
-    def fading(self, step: int) -> bool:
-        """True while an annealed aid still acts: the run is not yet solving the task on its own."""
-        return self.anneal is not None and self.weight_at(step) > 0
-
-    def loss(self, model, batch, h: torch.Tensor) -> torch.Tensor:
+    def loss_at(self, model, batch, h: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every query (first and follow-ups) with a known shape target;
-        ``h`` is the captured residual stream [B, T, D] at ``self.layer``."""
-        positions, targets = batch["answer_pos"][:, None], batch["mid_targets"][:, None]
-        if "extra_answer_pos" in batch:
-            positions = torch.cat([positions, batch["extra_answer_pos"]], dim=1)
-            targets = torch.cat([targets, batch["extra_mid_targets"]], dim=1)
-        valid = targets >= 0
-        if not valid.any():
-            raise LabError("train.intermediate needs batches with intermediate (shape) targets; this task gives none")
-        rows = torch.arange(len(h), device=h.device)[:, None].expand_as(positions)
-        return F.cross_entropy(self.logits(model, h[rows[valid], positions[valid]]), targets[valid])
+        ``h`` is the residual stream [B, T, D] at ``self.layer``."""
+        mid = batch.get("mid_labels")
+        if mid is None or not bool((mid != IGNORE_INDEX).any()):
+            raise LabError("objective.intermediate needs batches with intermediate (shape) targets; this task gives none")
+        valid = mid != IGNORE_INDEX
+        return F.cross_entropy(self.logits(model, h[valid]), mid[valid])
 
     def logits(self, model, h: torch.Tensor) -> torch.Tensor:
         """Scores of every token for ``h`` [N, D]: the model's readout, or (``space=embedding``)
@@ -74,7 +54,7 @@ class IntermediateSupervision:
         vector rather than merely decodable as it."""
         if self.space == "readout":
             return model.readout(h)
-        embedding = getattr(getattr(model, "backbone", model), "tok_emb", None)
+        embedding = model.token_embedding()
         if embedding is None:
-            raise LabError("train.intermediate.space=embedding needs a model with input embeddings (tok_emb)")
-        return F.layer_norm(h, h.shape[-1:]) @ embedding.weight.T
+            raise LabError("objective.intermediate.space=embedding needs a model with input token embeddings")
+        return F.layer_norm(h, h.shape[-1:]) @ embedding.T

@@ -1,4 +1,4 @@
-"""LightningModule: next-token cross-entropy on the answer, accuracy per split and object count."""
+"""LightningModule: the sum of the injected objectives; validation accuracy per split and object count."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,12 @@ from collections import defaultdict
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+
+from torch import nn
 
 from lab.errors import LabError
 from lab.models.interface import ResidualModel
+from lab.train.objectives import AnswerLoss, labelled_run
 
 
 class NonFiniteLossError(LabError):
@@ -55,32 +57,34 @@ class AnswerAccuracy:
         return {n: self.correct[n] / self.total[n] for n in sorted(self.total)}
 
 
-class RetrievalModule(L.LightningModule):
-    """Trains a :class:`ResidualModel` to predict the answer token at ``batch['answer_pos']``."""
+class TrainingModule(L.LightningModule):
+    """Trains a :class:`ResidualModel` with injected objective parts (:mod:`lab.train.objectives`)
+    and validates answer accuracy per split and object count.
+
+    Nothing here is specific to a task: the objectives read the typed batch, and validation reads
+    ``answer_pos``/``targets``/``n_objects``.
+    """
 
     def __init__(
         self,
         model: ResidualModel,
+        objectives: dict | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas=(0.9, 0.98),
         warmup_steps: int = 200,
         total_steps: int = 10000,
         lr_factor=None,
-        aux=None,
-        aux_weight: float = 0.0,
-        intermediate=None,
         val_names: list[str] | None = None,
         decoder=None,
         meta: dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.objectives = nn.ModuleDict(objectives if objectives is not None else {"answer": AnswerLoss()})
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         # LR multiplier per global step; default warm-up + cosine over ``total_steps``.
         self.lr_factor = lr_factor or warmup_cosine(warmup_steps, total_steps)
-        self.aux, self.aux_weight = aux, float(aux_weight)  # optional AuxiliaryObjective (image batches)
-        self.intermediate = intermediate  # optional IntermediateSupervision (queried shape mid-network)
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
         self.meta = meta  # stamped into checkpoints as ``lab_meta`` (which task they belong to)
@@ -91,36 +95,30 @@ class RetrievalModule(L.LightningModule):
         return self.model.answer_logits(batch)
 
     def training_step(self, batch, batch_idx):
-        use_aux = self.aux is not None and "object_corners" in batch
-        mid_weight = self.intermediate.weight_at(self.global_step) if self.intermediate is not None else 0.0
-        multi = "extra_answer_pos" in batch
-        capture = ({0, self.aux.layer} if use_aux else set()) | ({self.intermediate.layer} if mid_weight > 0 else set())
-        out = self.model.run(batch, positions=None if multi else batch["answer_pos"], capture=sorted(capture))
-        if multi:
-            logits, loss = self._multi_query_loss(batch, out.logits)
-        else:
-            logits, loss = out.logits, F.cross_entropy(out.logits, batch["targets"])
-        if use_aux:
-            aux_loss = self.aux.loss(self.model, batch, out.captured)
-            loss = loss + self.aux_weight * aux_loss
-            if self._logging_step():
-                self.log("train/aux_loss", aux_loss)
-        if mid_weight > 0:
-            mid_loss = self.intermediate.loss(self.model, batch, out.captured[self.intermediate.layer])
-            loss = loss + mid_weight * mid_loss
-            if self._logging_step():
-                self.log_dict({"train/intermediate_loss": mid_loss, "train/intermediate_weight": mid_weight})
+        step, logging = self.global_step, self._logging_step()
+        active = {name: (part, part.weight_at(step)) for name, part in self.objectives.items()}
+        active = {name: (part, w) for name, (part, w) in active.items() if w > 0 and part.applies(batch)}
+        out = labelled_run(self.model, batch, capture=[l for part, _ in active.values() for l in part.layers])
+        loss = 0.0
+        for name, (part, weight) in active.items():
+            part_loss = part.loss(self.model, batch, out)
+            loss = loss + weight * part_loss
+            if logging and name != "answer":
+                self.log_dict({f"train/{name}_loss": part_loss, f"train/{name}_weight": weight})
+        if not torch.is_tensor(loss):
+            raise LabError(f"no training objective is active at step {step}; give objective.answer a weight > 0")
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss is {loss.item()}", self.global_step)
-        if self._logging_step():
+            raise NonFiniteLossError(f"training loss is {loss.item()}", step)
+        if logging:
+            logits = out.answer_logits
             acc = (logits.argmax(-1) == batch["targets"]).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(logits))
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def aid_fading(self, step: int) -> bool:
-        """Whether an annealed training aid still acts at ``step`` (saturation does not count then)."""
-        return self.intermediate is not None and self.intermediate.fading(step)
+        """Whether an annealed objective part still acts at ``step`` (saturation does not count then)."""
+        return any(part.fading(step) for part in self.objectives.values())
 
     def _logging_step(self) -> bool:
         """Whether Lightning will write this step's metrics to the logger (every
@@ -131,18 +129,6 @@ class RetrievalModule(L.LightningModule):
             return True
         n = trainer.log_every_n_steps
         return n > 0 and (self.global_step + 1) % n == 0
-
-    def _multi_query_loss(self, batch, all_logits=None):
-        """Cross-entropy averaged over the first query and every follow-up query of the batch;
-        ``all_logits`` [B, T, V] if the forward pass was already run. Returns (first-query logits, loss)."""
-        positions = torch.cat([batch["answer_pos"][:, None], batch["extra_answer_pos"]], dim=1)
-        targets = torch.cat([batch["targets"][:, None], batch["extra_targets"]], dim=1)
-        if all_logits is None:
-            all_logits = self.model.run(batch).logits  # [B, T, V]
-        rows = torch.arange(len(all_logits), device=all_logits.device)[:, None].expand_as(positions)
-        valid = targets >= 0
-        loss = F.cross_entropy(all_logits[rows[valid], positions[valid]], targets[valid])
-        return all_logits[rows[:, 0], positions[:, 0]], loss
 
     def on_validation_epoch_start(self) -> None:
         self._val = {name: AnswerAccuracy() for name in self.val_names}

@@ -1,4 +1,4 @@
-"""Compose a training run from a config: task, data, model, trainer, run directory."""
+"""Train a run: the run directory, the Trainer and its callbacks, resume (built by :mod:`lab.build`)."""
 from __future__ import annotations
 
 import json
@@ -11,107 +11,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lab import runs
+from lab.build import build_training
 from lab.errors import LabError
-from lab.data.curriculum import CurriculumDataModule
-from lab.models.visual import build_vision_model, image_data_kwargs, uses_images
-from lab.train.aux import AuxiliaryObjective
-from lab.train.intermediate import IntermediateSupervision
 from lab.train.callbacks import DataStepSync, MetricsFile
-from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
-from lab.train.module import RetrievalModule
+from lab.train.regime import PhaseController
 
 log = logging.getLogger(__name__)
-
-
-def _validate(cfg: DictConfig) -> None:
-    t = cfg.train
-    checks = [
-        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
-        (t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}"),
-        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
-        (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
-        (t.val_every >= 1, f"train.val_every must be >= 1, got {t.val_every}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
-        (0 < t.stop.threshold <= 1, f"train.stop.threshold must be in (0, 1], got {t.stop.threshold}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LabError(message)
-
-
-def build_data(cfg: DictConfig, task, model=None) -> tuple[dict, str]:
-    """One data module per modality (the primary ``cfg.modality`` plus those the regime names),
-    and the primary modality's name. Image data gets ``model``'s visual encoder."""
-    def make(node):
-        return runs.build(
-            node, "modality", task=task, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-            **image_data_kwargs(node, model),
-        )
-
-    primary = make(cfg.modality)
-    data = {primary.modality: primary}
-    for name, node in (cfg.regime.get("data") or {}).items():
-        if name not in data:
-            data[name] = make(node)
-    return dict(sorted(data.items(), key=lambda kv: kv[0] != "text")), primary.modality  # text first
-
-
-def compose(cfg: DictConfig, run_dir: str | Path = "."):
-    """Build (task, datamodule, module, controller) from a config, validating everything first."""
-    _validate(cfg)
-    task = runs.build_task(cfg)
-    model = runs.build_model(cfg, len(task.vocab), task.max_prompt_len)
-    if uses_images(cfg):  # image data anywhere: backbone + visual encoder + projector
-        model = build_vision_model(cfg, model, task)
-    data, primary = build_data(cfg, task, model)
-    regime = parse_regime(cfg, primary, list(data))
-    if cfg.regime.get("match_steps_of"):
-        regime = match_steps(regime, cfg.regime.match_steps_of, cfg.train.val_every)
-    controller = PhaseController(regime, run_dir, cfg.train.stop.threshold, cfg.train.stop.patience)
-    datamodule = CurriculumDataModule(data, controller, cfg.seed)
-    module = RetrievalModule(
-        model,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        betas=cfg.train.betas,
-        lr_factor=phase_lr_factor(controller, cfg.train.warmup_steps, cfg.train.lr),
-        aux=_auxiliary(cfg, model, task),
-        aux_weight=cfg.train.aux.weight,
-        intermediate=_intermediate(cfg, model),
-        val_names=datamodule.val_names,
-        decoder=task.vocab.decode,
-        meta=runs.checkpoint_meta(task),
-    )
-    regime.best_monitor = cfg.train.stop.monitor or regime.phases[-1].until or f"val/{primary}_id_acc"
-    monitors = [f"val/{n}_acc" for n in datamodule.val_names]
-    for where, metric in [("train.stop.monitor", regime.best_monitor)] + [
-        (f"phase {p.name!r} until", p.until) for p in regime.phases if p.until
-    ]:
-        if metric not in monitors:
-            raise LabError(f"{where}={metric!r} is not a validation metric; choose one of {monitors}")
-    log.info("regime %s: %s", regime.name, " -> ".join(f"{p.name}{p.mix}" for p in regime.phases))
-    return task, datamodule, module, controller
-
-
-def _auxiliary(cfg: DictConfig, model, task):
-    """The optional colour/shape <-> image-token objective, when ``train.aux.weight > 0``."""
-    if cfg.train.aux.weight < 0:
-        raise LabError(f"train.aux.weight must be >= 0, got {cfg.train.aux.weight}")
-    if cfg.train.aux.weight == 0:
-        return None
-    if not uses_images(cfg):
-        raise LabError("train.aux.weight > 0 needs image data (modality=image or an image regime)")
-    return AuxiliaryObjective(model, task, cfg.render, cfg.train.aux.layer)
-
-
-def _intermediate(cfg: DictConfig, model):
-    """The optional queried-shape supervision, when ``train.intermediate.weight > 0``."""
-    node = cfg.train.get("intermediate")
-    if node is None or node.weight == 0:
-        return None
-    n_layers = getattr(model, "backbone", model).n_layers
-    layer = n_layers // 2 if node.get("layer") is None else node.layer
-    return IntermediateSupervision(layer, node.weight, n_layers, node.get("anneal"), node.get("space", "readout"))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
@@ -184,7 +89,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), overrides=No
         runs.prepare_new_run(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: seeds its init
     try:
-        task, datamodule, module, controller = compose(cfg, run_dir)
+        task, datamodule, module, controller = build_training(cfg, run_dir)
     except Exception:
         if ckpt_path is None:
             runs.discard_unused_run_dir(run_dir)

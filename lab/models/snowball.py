@@ -26,7 +26,6 @@ Run the demo: ``python evaluate.py experiment=snowball`` (outputs in ``eval_out/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -36,6 +35,7 @@ from torch import Tensor
 from lab.data.text import FixedLengthData
 from lab.errors import LabError
 from lab.models.interface import ResidualModel, Stream
+from tasks.snowball import SnowballTask
 
 TINY, LOUD, AMPLIFIER = 0, 1, 2
 
@@ -95,34 +95,3 @@ class SnowballModel(ResidualModel):
         task = SnowballTask(self.n_classes, n_samples, seq_len, seed)
         return task, {"text": FixedLengthData(task, batch_size, n_objects=1)}
 
-
-@dataclass
-class SnowballSample:
-    tokens: list[int]
-    answer: int
-    n_objects: int = 1
-
-
-class SnowballTask:
-    """Prompts of random class tokens; the answer is the class of the last token."""
-
-    name = "snowball"
-    splits = ("id",)
-    id_objects = (1, 1)
-
-    def __init__(self, n_classes: int, n_samples: int, seq_len: int, seed: int) -> None:
-        self.n_classes, self.n_samples, self.seq_len, self.seed = n_classes, n_samples, seq_len, seed
-
-    def eval_set(self, split: str, noise: bool = False) -> list[SnowballSample]:
-        if split not in self.splits:
-            raise LabError(f"unknown split {split!r}; the snowball task has {self.splits}")
-        rng = np.random.default_rng(self.seed)
-        out = []
-        for i in range(self.n_samples):
-            tokens = rng.integers(0, self.n_classes, self.seq_len).tolist()
-            tokens[-1] = i % self.n_classes  # balanced answers
-            out.append(SnowballSample(tokens, tokens[-1]))
-        return out
-
-    def chance_accuracy(self, samples) -> float:
-        return 1.0 / self.n_classes

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from lab.errors import LabError
+from tasks.protocol import TaskConfigError
 
 TOKENIZERS = ("auto", "hf", "bytes", "chars")
 
@@ -38,12 +38,12 @@ class TextSample:
 
 def tokenize(text: str, mode: str, tokenizer, vocab_size: int) -> tuple[list[int], str]:
     if mode not in TOKENIZERS:
-        raise LabError(f"data.tokenizer={mode!r} is unknown; choose one of {TOKENIZERS}")
+        raise TaskConfigError(f"data.tokenizer={mode!r} is unknown; choose one of {TOKENIZERS}")
     if mode == "auto":
         mode = "hf" if tokenizer is not None else ("bytes" if vocab_size >= 256 else "chars")
     if mode == "hf":
         if tokenizer is None:
-            raise LabError("data.tokenizer=hf but the model folder has no tokenizer; use bytes or chars")
+            raise TaskConfigError("data.tokenizer=hf but the model folder has no tokenizer; use bytes or chars")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     elif mode == "bytes":
         ids = list(text.encode("utf-8"))
@@ -52,7 +52,7 @@ def tokenize(text: str, mode: str, tokenizer, vocab_size: int) -> tuple[list[int
         index = {c: i for i, c in enumerate(chars)}
         ids = [index[c] for c in text]
     if ids and max(ids) >= vocab_size:
-        raise LabError(
+        raise TaskConfigError(
             f"the {mode} tokenization of the text file needs {max(ids) + 1} token ids but the model's "
             f"vocabulary has {vocab_size}; choose another data.tokenizer"
         )
@@ -70,13 +70,13 @@ class TextFileTask:
                  tokenizer: str = "auto", hf_tokenizer=None, vocab_size: int = 2**31) -> None:
         path = Path(path)
         if not path.is_file():
-            raise LabError(f"data.text_file={str(path)!r} does not exist; pass a local UTF-8 text file")
+            raise TaskConfigError(f"data.text_file={str(path)!r} does not exist; pass a local UTF-8 text file")
         if seq_len < 1 or n_samples < 2 or (stride is not None and stride < 1):
-            raise LabError("data.seq_len and data.stride must be >= 1 and data.n_samples >= 2")
+            raise TaskConfigError("data.seq_len and data.stride must be >= 1 and data.n_samples >= 2")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
-            raise LabError(f"{path} is not UTF-8 text ({error})") from None
+            raise TaskConfigError(f"{path} is not UTF-8 text ({error})") from None
         self.ids, self.tokenizer = tokenize(text, tokenizer, hf_tokenizer, vocab_size)
         self.seq_len, self.stride = int(seq_len), int(stride or seq_len)
         starts = range(0, len(self.ids) - self.seq_len, self.stride)
@@ -84,14 +84,14 @@ class TextFileTask:
             TextSample(self.ids[s : s + self.seq_len], self.ids[s + self.seq_len]) for s in list(starts)[:n_samples]
         ]
         if len(self.samples) < 2:
-            raise LabError(
+            raise TaskConfigError(
                 f"{path} has {len(self.ids)} tokens: too short for windows of {self.seq_len + 1}; "
                 "lower data.seq_len or use a longer file"
             )
 
     def eval_set(self, split: str, noise: bool = False) -> list[TextSample]:
         if split not in self.splits:
-            raise LabError(f"unknown split {split!r}; the text-file task has {self.splits}")
+            raise TaskConfigError(f"unknown split {split!r}; the text-file task has {self.splits}")
         return self.samples
 
     def chance_accuracy(self, samples) -> float:

@@ -1,4 +1,4 @@
-"""The optional auxiliary objective: colour/shape <-> image tokens on image batches."""
+"""The optional grounding objective: colour/shape <-> image tokens on image batches."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +8,9 @@ from test_visual import image_cfg
 
 from lab.errors import LabError
 from lab.runs import load_checkpoint
-from lab.train.aux import centre_cells
-from lab.train.run import compose, train
+from lab.train.grounding import centre_cells
+from lab.build import build_training as compose
+from lab.train.run import train
 
 
 def test_centre_cells_by_hand():
@@ -18,23 +19,24 @@ def test_centre_cells_by_hand():
     assert centre_cells(corners, 10, 48, (6, 6)).tolist() == [[0, 5 * 6 + 3, -1]]
 
 
-def test_aux_is_off_by_default_and_refused_without_images():
+def test_grounding_is_off_by_default_and_refused_without_images():
     _, _, module, _ = compose(tiny_cfg())
-    assert module.aux is None
+    assert list(module.objectives) == ["answer"]
     with pytest.raises(LabError, match="needs image data"):
-        compose(tiny_cfg("train.aux.weight=1.0"))
+        compose(tiny_cfg("objective.grounding.weight=1.0"))
     with pytest.raises(LabError, match="must be >= 0"):
-        compose(tiny_cfg("train.aux.weight=-1"))
+        compose(tiny_cfg("objective.grounding.weight=-1"))
 
 
 def test_each_objects_centre_lies_in_its_cell(tmp_path):
-    _, datamodule, module, _ = compose(image_cfg(tmp_path, "train.aux.weight=1.0"))
-    aux = module.aux
+    _, datamodule, module, _ = compose(image_cfg(tmp_path, "objective.grounding.weight=1.0"))
+    aux = module.objectives["grounding"]
     batch = datamodule.data["image"].train_stream.batch(0)
-    cells = centre_cells(batch["object_corners"], aux.object_size, aux.canvas_size, aux.grid)
+    assert batch.objects["corners"].shape[:2] == batch.objects["colors"].shape
+    cells = centre_cells(batch.objects["corners"], aux.object_size, aux.canvas_size, aux.grid)
     h, w = aux.grid
     checked = 0
-    for cell_row, corner_row in zip(cells, batch["object_corners"]):
+    for cell_row, corner_row in zip(cells, batch.objects["corners"]):
         for cell, (r, c) in zip(cell_row.tolist(), corner_row.tolist()):
             if cell < 0:
                 continue
@@ -45,22 +47,23 @@ def test_each_objects_centre_lies_in_its_cell(tmp_path):
     assert checked >= len(cells) * 2
 
 
-def test_aux_loss_trains_heads_and_text_embeddings(tmp_path):
+def test_grounding_loss_trains_heads_and_text_embeddings(tmp_path):
     losses = []
 
     class AuxSpy(LossRecorder):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(trainer.callback_metrics.get("train/aux_loss", float("nan"))))
+            losses.append(float(trainer.callback_metrics.get("train/grounding_loss", float("nan"))))
 
-    cfg = image_cfg(tmp_path, "train.aux.weight=1.0", "train.aux.layer=1", "trainer.log_every_n_steps=1")
+    cfg = image_cfg(tmp_path, "objective.grounding.weight=1.0", "objective.grounding.layer=1", "trainer.log_every_n_steps=1")
     run_dir = tmp_path / "run"
     train(cfg, run_dir, extra_callbacks=[AuxSpy()])
     assert all(torch.isfinite(torch.tensor(losses)))
     state = load_checkpoint(run_dir / "last.ckpt")["state_dict"]
-    assert {"aux.color_head.weight", "aux.shape_head.weight", "aux.to_image.weight"} <= set(state)
+    assert {f"objectives.grounding.{k}.weight" for k in ("color_head", "shape_head", "to_image")} <= set(state)
     _, datamodule, module, _ = compose(cfg)
     batch = datamodule.data["image"].train_stream.batch(0)
     out = module.model.run(batch, positions=batch["answer_pos"], capture=[0, 1])
-    module.aux.loss(module.model, batch, out.captured).backward()
-    assert module.aux.color_head.weight.grad.abs().sum() > 0
+    grounding = module.objectives["grounding"]
+    grounding.loss_at(module.model, batch, out.captured).backward()
+    assert grounding.color_head.weight.grad.abs().sum() > 0
     assert module.model.backbone.tok_emb.weight.grad.abs().sum() > 0

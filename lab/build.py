@@ -1,0 +1,230 @@
+"""The one place a config becomes objects: task, data streams, model and objectives.
+
+Training (new and resumed runs), evaluation of a run directory, standalone evaluation and encoder
+pretraining all build through here, so a run is rebuilt the same way wherever it is loaded.
+Models and data modules know nothing of run configs; only this module reads them.
+
+Imports flow one way: tasks -> data -> models -> train / eval -> build -> entry points.
+
+    cfg ──build_task──> task ──build_streams──> {stream name: data module}   (text, image, ...)
+        ──build_model──> model (Backbone, wrapped with a visual encoder when a stream draws images)
+        ──build_objectives──> {part name: objective}  (conf/objective/)
+        ──build_training──> (task, CurriculumDataModule, TrainingModule, PhaseController)
+    run dir ──load_trained──> (cfg, task, model in eval mode, checkpoint step)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lab import runs
+from lab.data.curriculum import CurriculumDataModule
+from lab.errors import LabError, unwrap_instantiation
+from lab.models.interface import ResidualModel
+from lab.models.visual import Projector, VisionTextModel, build_encoder, check_encoder_name
+from lab.train import encoder_pretrain
+from lab.train.module import TrainingModule
+from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
+from tasks.protocol import TaskConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ generic
+def build(node: DictConfig, what: str, **kwargs):
+    """``instantiate`` with config errors turned into one clear :class:`LabError`."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as error:  # noqa: BLE001 - re-raised below unless it is a config error
+        cause = unwrap_instantiation(error)
+        if isinstance(cause, (LabError, TaskConfigError)):
+            raise LabError(str(cause)) from None
+        if isinstance(cause, (TypeError, InstantiationException)):
+            raise LabError(f"cannot build the {what} from its config: {cause}") from None
+        raise
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+# --------------------------------------------------------------------------------------- task
+def build_task(cfg: DictConfig):
+    """The run's task (``cfg.task``), seeded with ``cfg.seed``."""
+    return build(cfg.task, "task", seed=cfg.get("seed", 0))
+
+
+# ------------------------------------------------------------------------------------ streams
+def stream_nodes(cfg: DictConfig) -> list[DictConfig]:
+    """The data-stream configs of a run: the primary ``cfg.modality`` plus those its regime names."""
+    regime = cfg.get("regime") or {}
+    return [cfg.modality, *((regime.get("data") or {}).values())]
+
+
+def is_image_node(node) -> bool:
+    """Whether a stream config builds an :class:`~lab.data.image.ImageDataModule`."""
+    return node is not None and str(node.get("_target_", "")).endswith("ImageDataModule")
+
+
+def uses_images(cfg: DictConfig) -> bool:
+    """Whether any stream of the run draws images (its model then carries a visual encoder)."""
+    return any(is_image_node(node) for node in stream_nodes(cfg) if node is not None)
+
+
+def build_streams(cfg: DictConfig, task, model=None, batch_size: int = 1, eval_batch_size: int = 256):
+    """One data module per stream, text first, and the primary stream's name. Image streams get
+    ``model``'s visual encoder (features of a frozen encoder are computed once and cached)."""
+    streams = {}
+    primary = None
+    for node in stream_nodes(cfg):
+        extra = {}
+        if is_image_node(node):
+            if not isinstance(model, VisionTextModel):
+                raise LabError("an image stream needs the run model to carry a visual encoder (lab.build.build_model)")
+            extra = {"encoder": model.encoder, "frozen": model.frozen}
+        data = build(node, "data stream", task=task, batch_size=batch_size, eval_batch_size=eval_batch_size, **extra)
+        primary = primary or data.modality
+        streams.setdefault(data.modality, data)
+    return dict(sorted(streams.items(), key=lambda kv: kv[0] != "text")), primary
+
+
+# -------------------------------------------------------------------------------------- model
+def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> ResidualModel:
+    """The run's model: ``cfg.model`` sized for the task's vocabulary, plus a visual encoder and
+    projector when a stream draws images. ``load_encoder_weights=False`` skips fetching (or
+    pretraining) encoder weights, for when a run checkpoint that holds them is loaded next."""
+    backbone = build(cfg.model, "model", vocab_size=len(task.vocab))
+    longest = task.max_prompt_len
+    if getattr(backbone, "max_len", longest) < longest:
+        raise LabError(f"model.max_len={backbone.max_len} is shorter than the longest prompt ({longest} tokens); raise it")
+    if not uses_images(cfg):
+        return backbone
+    return build_vision_model(cfg, backbone, task, load_encoder_weights)
+
+
+def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = True) -> VisionTextModel:
+    """``backbone`` + the visual encoder of ``cfg.encoder`` (weights from ``encoder.weights``) + projector."""
+    from tasks.render import Renderer
+    from tasks.vocab import IMG
+
+    enc = cfg.get("encoder")
+    if enc is None:
+        raise LabError("an image run needs an encoder: add encoder=<name> (see conf/encoder/)")
+    if cfg.get("render") is None:
+        raise LabError("image runs need render settings: add render=cpu (or render=paper) to the config")
+    # A canvas too small for the task is refused before any encoder pretraining.
+    Renderer(task.n_colors, task.n_shapes, max_objects=task.max_objects, **_plain(cfg.render))
+    check_encoder_name(str(enc.name))
+    weights = str(enc.get("weights") or "lab")
+    if not load_weights:
+        encoder = build_encoder(enc, "random")
+    elif weights == "lab":
+        encoder = build_encoder(enc, str(encoder_pretrain.ensure_pretrained_encoder(cfg)))
+    else:
+        encoder = build_encoder(enc, weights)
+    longest = 1 + encoder.n_tokens + 1 + 2 * task.max_objects + 2 + 3 * (int(getattr(task, "train_queries", 1)) - 1)
+    if getattr(backbone, "max_len", longest) < longest:
+        raise LabError(
+            f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
+            f"{backbone.max_len}; raise model.max_len or use an encoder with fewer tokens"
+        )
+    projector = Projector(encoder.dim, int(backbone.d_model), str(enc.get("projector") or "mlp"))
+    return VisionTextModel(backbone, encoder, projector, task.vocab[IMG], frozen=bool(enc.get("frozen", True)))
+
+
+# --------------------------------------------------------------------------------- objectives
+def build_objectives(cfg: DictConfig, model, task) -> dict:
+    """The objective parts of ``cfg.objective`` with a weight > 0, built with ``model`` and ``task``."""
+    parts = {}
+    for name, node in (cfg.get("objective") or {}).items():
+        if node is None:
+            continue
+        weight = node.get("weight", 1.0)
+        if weight is None or float(weight) < 0:
+            raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
+        if float(weight) == 0:
+            continue
+        if name == "intermediate" and not getattr(task, "has_intermediate", True):
+            log.warning("objective.intermediate is left out: task %s has no intermediate variable", task.name)
+            continue
+        target = str(node.get("_target_", ""))
+        if target.endswith("GroundingLoss") and not uses_images(cfg):
+            raise LabError(f"objective.{name} needs image data (modality=image or an image regime)")
+        parts[name] = build(node, f"objective {name!r}", model=model, task=task)
+    if not parts:
+        raise LabError("every objective has weight 0; give objective.answer.weight a value > 0")
+    return parts
+
+
+# ----------------------------------------------------------------------------------- training
+def check_train_settings(cfg: DictConfig) -> None:
+    t = cfg.train
+    checks = [
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
+        (t.val_every >= 1, f"train.val_every must be >= 1, got {t.val_every}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (0 < t.stop.threshold <= 1, f"train.stop.threshold must be in (0, 1], got {t.stop.threshold}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LabError(message)
+
+
+def build_training(cfg: DictConfig, run_dir: str | Path = "."):
+    """(task, datamodule, module, controller) of a training run, every setting checked first."""
+    check_train_settings(cfg)
+    task = build_task(cfg)
+    model = build_model(cfg, task)
+    streams, primary = build_streams(cfg, task, model, cfg.train.batch_size, cfg.train.eval_batch_size)
+    regime = parse_regime(cfg, primary, list(streams))
+    if cfg.regime.get("match_steps_of"):
+        regime = match_steps(regime, cfg.regime.match_steps_of, cfg.train.val_every)
+    controller = PhaseController(regime, run_dir, cfg.train.stop.threshold, cfg.train.stop.patience)
+    datamodule = CurriculumDataModule(streams, controller, cfg.seed)
+    module = TrainingModule(
+        model,
+        objectives=build_objectives(cfg, model, task),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=cfg.train.betas,
+        lr_factor=phase_lr_factor(controller, cfg.train.warmup_steps, cfg.train.lr),
+        val_names=datamodule.val_names,
+        decoder=task.vocab.decode,
+        meta=runs.checkpoint_meta(task),
+    )
+    regime.best_monitor = cfg.train.stop.monitor or regime.phases[-1].until or f"val/{primary}_id_acc"
+    monitors = [f"val/{n}_acc" for n in datamodule.val_names]
+    for where, metric in [("train.stop.monitor", regime.best_monitor)] + [
+        (f"phase {p.name!r} until", p.until) for p in regime.phases if p.until
+    ]:
+        if metric not in monitors:
+            raise LabError(f"{where}={metric!r} is not a validation metric; choose one of {monitors}")
+    log.info("regime %s: %s", regime.name, " -> ".join(f"{p.name}{p.mix}" for p in regime.phases))
+    return task, datamodule, module, controller
+
+
+# ------------------------------------------------------------------------------- trained runs
+def load_trained(run_dir: str | Path, which: str = "best"):
+    """Rebuild (cfg, task, model in eval mode on CPU, checkpoint step) from a run directory."""
+    cfg = runs.load_config(run_dir)
+    task = build_task(cfg)
+    path = runs.checkpoint_path(run_dir, which)
+    checkpoint = runs.load_checkpoint(path)
+    runs.check_checkpoint_matches(checkpoint, task, path)
+    model = build_model(cfg, task, load_encoder_weights=False)  # the checkpoint holds the encoder's weights
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise LabError(
+            f"{path} does not fit the model described by {run_dir}/{runs.CONFIG_FILE}: {runs.one_line(error, 300)}"
+        ) from None
+    return cfg, task, model.eval(), int(checkpoint.get("global_step", 0))

@@ -1,0 +1,113 @@
+"""Training objectives as parts: each adds ``weight_at(step) * loss`` to the training loss.
+
+A part is an ``nn.Module`` (so its own heads, if any, are trained and checkpointed) built from
+its ``conf/objective/<name>`` node with the run's ``model`` and ``task`` injected, the way
+lightning-hydra-template injects ``net`` into a LightningModule. It declares
+
+- ``layers``: residual-stream layers it reads (captured in the one forward pass all parts share);
+- ``applies(batch)``: whether this batch carries what it needs (e.g. image-only losses);
+- ``weight_at(step)``: its weight at a global step (constant unless it anneals);
+- ``loss(model, batch, out)``: a scalar, from ``out`` (:class:`LabelledRun`).
+
+Parts in this module: :class:`AnswerLoss`. Others: ``lab.train.intermediate.IntermediateSupervision``
+(queried shape at a middle layer) and ``lab.train.grounding.GroundingLoss`` (image tokens <->
+colour/shape tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lab.data.batch import IGNORE_INDEX
+from lab.errors import LabError
+
+
+@dataclass
+class LabelledRun:
+    """The shared forward pass of a training step."""
+
+    logits: Tensor                 # [N, V] at the labelled positions (``mask``), row-major
+    labels: Tensor                 # [N] their labels
+    mask: Tensor                   # [B, T] bool: positions with a label
+    first: Tensor                  # [B] index into ``logits`` of each sample's evaluated query
+    captured: dict[int, Tensor]    # layer -> h_l [B, T, D]
+
+    @property
+    def answer_logits(self) -> Tensor:
+        """[B, V] logits of the evaluated query (what validation measures)."""
+        return self.logits[self.first]
+
+
+def labelled_run(model, batch, capture=()) -> LabelledRun:
+    """One forward pass reading out only where ``batch.labels`` has a target."""
+    mask = batch["labels"] != IGNORE_INDEX
+    out = model.run(batch, positions=mask, capture=sorted(set(capture)))
+    B, T = mask.shape
+    index = mask.flatten().cumsum(0) - 1  # position in the row-major list of labelled positions
+    first = index[torch.arange(B, device=mask.device) * T + batch["answer_pos"]]
+    return LabelledRun(out.logits, batch["labels"][mask], mask, first, out.captured)
+
+
+class Objective(nn.Module):
+    """Base of objective parts: a weight (optionally faded out) and a loss."""
+
+    layers: tuple[int, ...] = ()
+
+    def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective") -> None:
+        super().__init__()
+        if weight < 0:
+            raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
+        self.weight, self.anneal = float(weight), _anneal(anneal, name)
+
+    def weight_at(self, step: int) -> float:
+        """The weight at global step ``step``: constant, or fading linearly to 0 over ``anneal``."""
+        if self.anneal is None:
+            return self.weight
+        start, end = self.anneal
+        if step < start:
+            return self.weight
+        if step >= end:
+            return 0.0
+        return self.weight * (end - step) / (end - start)
+
+    def fading(self, step: int) -> bool:
+        """True while an annealed part still acts (a phase cannot count as solved then)."""
+        return self.anneal is not None and self.weight_at(step) > 0
+
+    def applies(self, batch) -> bool:
+        return True
+
+    def loss(self, model, batch, out: LabelledRun) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _anneal(anneal, name: str):
+    if anneal is None:
+        return None
+    try:
+        start, end = (int(v) for v in anneal)
+    except (TypeError, ValueError):
+        raise LabError(f"objective.{name}.anneal must be null or [start, end] steps, got {anneal!r}") from None
+    if not 0 <= start <= end:
+        raise LabError(f"objective.{name}.anneal={[start, end]} needs 0 <= start <= end")
+    return start, end
+
+
+class AnswerLoss(Objective):
+    """Cross-entropy of the answer, averaged over every labelled query of the batch.
+
+    ``followups=true`` (multi-query supervision) also trains the follow-up queries that
+    ``task.train_queries > 1`` appends to training prompts; ``false`` trains the evaluated query only.
+    """
+
+    def __init__(self, model=None, task=None, weight: float = 1.0, followups: bool = True, anneal=None) -> None:
+        super().__init__(weight, anneal, "answer")
+        self.followups = bool(followups)
+
+    def loss(self, model, batch, out: LabelledRun) -> Tensor:
+        if self.followups:
+            return F.cross_entropy(out.logits, out.labels)
+        return F.cross_entropy(out.answer_logits, batch["targets"])
