@@ -207,6 +207,10 @@ class RetrievalTask:
             self._eval_cache[key] = [self.sample(rng, n, noise) for n in counts]
         return self._eval_cache[key]
 
+    def counterfactual_pairs(self, split: str, n: int, seed: int = 0, n_objects: int | None = None):
+        """Paired prompts for interchange interventions (see :func:`counterfactual_pairs`)."""
+        return counterfactual_pairs(self, split, n, seed, n_objects)
+
     def chance_accuracy(self, samples: list[RetrievalSample]) -> float:
         """Accuracy of guessing uniformly among the items present in each prompt."""
         return float(np.mean([1.0 / s.n_objects for s in samples]))
@@ -219,12 +223,18 @@ class RetrievalTask:
         order = rng.permutation(n_objects).tolist()
         query = int(rng.integers(n_objects))
         n_noise = int(rng.integers(self.noise_tokens[0], self.noise_tokens[1] + 1)) if noise else 0
+        gaps = rng.integers(0, 2 * n_objects + 1, n_noise).tolist()
+        return self.build_sample(colors, shapes, items, order, query, gaps)
 
-        # Context: colour/shape pairs, with noise tokens dropped into random gaps.
+    def build_sample(self, colors, shapes, items, order, query: int, noise_gaps=()) -> RetrievalSample:
+        """The sample with these objects (colour, shape and item indices in context order), this
+        association order, queried object and noise-token gaps (indices into the context tokens)."""
+        n_objects = len(colors)
+        # Context: colour/shape pairs, with noise tokens dropped into the given gaps.
         context: list[int | None] = []
         for c, s in zip(colors, shapes):
             context += [self._color0 + c, self._shape0 + s]
-        for gap in sorted(rng.integers(0, len(context) + 1, n_noise).tolist(), reverse=True):
+        for gap in sorted(noise_gaps, reverse=True):
             context.insert(gap, None)
 
         tokens = [self.vocab[BOS]]
@@ -265,3 +275,59 @@ class RetrievalTask:
             noise_positions=noise_positions,
             query_shape=self._shape0 + shapes[query],
         )
+
+
+# Outcomes of patching a counterfactual prompt's activation into a base prompt (tasks.retrieval).
+HYPOTHESES = ("positional", "symbolic", "answer_copy", "no_effect")
+
+
+@dataclass
+class CounterfactualPair:
+    """A base prompt, a counterfactual and the answer each binding hypothesis predicts for the
+    base after C's activation is patched into it (token ids, pairwise different)."""
+
+    base: RetrievalSample
+    counterfactual: RetrievalSample
+    predictions: dict[str, int]     # hypothesis -> predicted answer token
+    slot: int                       # context slot C's query points to
+    symbol_object: int              # the base object whose shape C queries
+
+
+def counterfactual_pairs(task: RetrievalTask, split: str, n: int, seed: int = 0, n_objects: int | None = None):
+    """``n`` seeded (base, counterfactual) pairs on ``split``'s object counts (at least 3 objects).
+
+    B queries its object q. C has as many objects, fresh colours and items (its answer is an item B
+    does not use, so counts stop at ``n_items - 1``), and B's shapes rearranged so that C's queried
+    object sits at slot k and carries the shape of B's object j, with q, k, j distinct. Patching C into B then predicts:
+    positional -> B's item at slot k; symbolic -> B's item for shape j; answer copy -> C's item;
+    no effect -> B's own answer. Both prompts are clean (no noise) and equally long, so every
+    position means the same part of the prompt in both.
+    """
+    lo, hi = task.object_range(split) if n_objects is None else (n_objects, n_objects)
+    if hi < 3:
+        raise TaskConfigError(f"counterfactual pairs need >= 3 objects; split {split!r} has at most {hi}")
+    lo, hi = max(lo, 3), min(hi, task.n_items - 1)  # C's answer must be an item B does not use
+    pairs = []
+    rng = np.random.default_rng([task.seed, 20, task.splits.index(split), int(seed)])
+    for i in range(n):
+        count = lo + i % (hi - lo + 1)
+        base = task.sample(rng, count, noise=False)
+        q = base.query_object
+        k, j = rng.choice([o for o in range(count) if o != q], 2, replace=False).tolist()
+        shapes = [base.shapes[o] for o in rng.permutation(count).tolist()]
+        a, b = shapes.index(base.shapes[j]), k  # move shape j to slot k
+        shapes[a], shapes[b] = shapes[b], shapes[a]
+        colors = rng.choice(task.n_colors, count, replace=False).tolist()
+        new = int(rng.choice([x for x in range(task.n_items) if x not in base.items]))
+        items = rng.choice([x for x in range(task.n_items) if x != new], count, replace=False).tolist()
+        items[k] = new  # C's answer is none of B's items; its other items may repeat B's
+        counter = task.build_sample(colors, shapes, items, rng.permutation(count).tolist(), k)
+        predictions = {
+            "positional": task.item_token(base.items[k]),
+            "symbolic": task.item_token(base.items[j]),
+            "answer_copy": counter.answer,
+            "no_effect": base.answer,
+        }
+        assert len(set(predictions.values())) == 4, predictions
+        pairs.append(CounterfactualPair(base, counter, predictions, k, j))
+    return pairs
