@@ -19,7 +19,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy import stats
 
+from lab.build import uses_images
 from lab.errors import LabError
+
 
 METRICS = ("val/text_id_acc", "val/text_ood_acc", "val/image_id_acc", "val/image_ood_acc")
 
@@ -39,14 +41,11 @@ def run_record(run_dir: Path) -> dict:
     """Regime, encoder, seed and final metrics of one run."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    uses_images = any(
-        "image" in str(node.get("_target_", "")).lower()
-        for node in [cfg.modality, *(cfg.regime.get("data") or {}).values()]
-    )
+    images = uses_images(cfg)
     return {
         "run": str(run_dir),
         "regime": str(cfg.regime.get("name", "?")),
-        "encoder": str(cfg.encoder.name) if uses_images and "encoder" in cfg else "-",
+        "encoder": str(cfg.encoder.name) if images and "encoder" in cfg else "-",
         "aids": training_aids(cfg),
         "seed": int(cfg.seed),
         "steps": int(metrics["step"]),
