@@ -20,10 +20,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lab import runs  # noqa: E402
+from lab.build import build_model, build_task  # noqa: E402
 from lab.data.datamodule import TextDataModule  # noqa: E402
 from lab.data.image import ImageDataModule  # noqa: E402
-from lab.models.visual import build_vision_model  # noqa: E402
 
 
 def time_steps(model, get_batch, steps: int, warmup: int = 3) -> tuple[float, float]:
@@ -57,8 +56,8 @@ def main(argv: list[str]) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["modality=image", *overrides])
     torch.manual_seed(cfg.seed)
-    task = runs.build_task(cfg)
-    model = build_vision_model(cfg, runs.build_model(cfg, len(task.vocab), task.max_prompt_len), task)
+    task = build_task(cfg)
+    model = build_model(cfg, task)  # modality=image: backbone + the lab-pretrained encoder
     bs = int(cfg.train.batch_size)
     text = TextDataModule(task, bs, bs)
     node = cfg.modality

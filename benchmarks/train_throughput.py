@@ -3,12 +3,12 @@
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --model tiny --steps 150 --batch-size 64 --repeats 3
 
 Both loops train the same model class (``conf/model/<model>.yaml``, same seed, same initial weights)
-with the lab's AdamW + warm-up/cosine schedule (``RetrievalModule.configure_optimizers``) on the same
+with the lab's AdamW + warm-up/cosine schedule (``TrainingModule.configure_optimizers``) on the same
 batches (the ``StepBatches`` stream of a ``TextDataModule``, through the same DataLoader), for the
 same number of steps. Variants:
 
 - ``plain``: a hand-written loop: forward, cross-entropy, backward, optimizer and scheduler step.
-- ``lightning-lab``: ``Trainer.fit`` on the lab's ``RetrievalModule`` with the lab's trainer
+- ``lightning-lab``: ``Trainer.fit`` on the lab's ``TrainingModule`` with the lab's trainer
   config (``conf/trainer/<cpu|gpu>.yaml``: precision, determinism, ``log_every_n_steps``,
   progress bar) and the lab's TensorBoard logger; the module logs train/loss, train/acc, train/lr
   every step as in training. Validation and checkpointing are off: they are scheduled work (every
@@ -49,7 +49,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from lab.data.datamodule import TextDataModule, to_device  # noqa: E402
 from lab.models.backbone import Backbone  # noqa: E402
-from lab.train.module import RetrievalModule  # noqa: E402
+from lab.train.module import TrainingModule  # noqa: E402
 from tasks.retrieval import RetrievalTask  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def build(args):
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     L.seed_everything(0, verbose=False)
     model = Backbone(len(task.vocab), **{k: v for k, v in model_cfg.items() if k != "_target_"})
-    module = RetrievalModule(model, lr=1e-3, warmup_steps=20, total_steps=args.steps)
+    module = TrainingModule(model, lr=1e-3, warmup_steps=20, total_steps=args.steps)
     datamodule = TextDataModule(task, batch_size=args.batch_size)
     return task, datamodule, module
 
@@ -180,7 +180,7 @@ def main() -> None:
         parser.error("--warmup must be between 0 and --steps")
 
     if args.log_every_step:
-        RetrievalModule._logging_step = lambda self: True
+        TrainingModule._logging_step = lambda self: True
     device = torch.device(args.device)
     trainer_cfg = OmegaConf.to_container(
         OmegaConf.load(ROOT / "conf" / "trainer" / ("gpu.yaml" if device.type == "cuda" else "cpu.yaml"))

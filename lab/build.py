@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
 
 from lab import runs
 from lab.data.curriculum import CurriculumDataModule
@@ -46,10 +46,6 @@ def build(node: DictConfig, what: str, **kwargs):
         if isinstance(cause, (TypeError, InstantiationException)):
             raise LabError(f"cannot build the {what} from its config: {cause}") from None
         raise
-
-
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
 # --------------------------------------------------------------------------------------- task
@@ -108,16 +104,15 @@ def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> Res
 
 def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = True) -> VisionTextModel:
     """``backbone`` + the visual encoder of ``cfg.encoder`` (weights from ``encoder.weights``) + projector."""
+    from tasks.image_retrieval import image_prompt_len
     from tasks.render import Renderer
     from tasks.vocab import IMG
 
     enc = cfg.get("encoder")
     if enc is None:
         raise LabError("an image run needs an encoder: add encoder=<name> (see conf/encoder/)")
-    if cfg.get("render") is None:
-        raise LabError("image runs need render settings: add render=cpu (or render=paper) to the config")
     # A canvas too small for the task is refused before any encoder pretraining.
-    Renderer(task.n_colors, task.n_shapes, max_objects=task.max_objects, **_plain(cfg.render))
+    Renderer(task.n_colors, task.n_shapes, max_objects=task.max_objects, **encoder_pretrain.render_settings(cfg))
     check_encoder_name(str(enc.name))
     weights = str(enc.get("weights") or "lab")
     if not load_weights:
@@ -126,7 +121,7 @@ def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = Tru
         encoder = build_encoder(enc, str(encoder_pretrain.ensure_pretrained_encoder(cfg)))
     else:
         encoder = build_encoder(enc, weights)
-    longest = 1 + encoder.n_tokens + 1 + 2 * task.max_objects + 2 + 3 * (int(getattr(task, "train_queries", 1)) - 1)
+    longest = image_prompt_len(task, encoder.n_tokens)
     if getattr(backbone, "max_len", longest) < longest:
         raise LabError(
             f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
@@ -148,15 +143,22 @@ def build_objectives(cfg: DictConfig, model, task) -> dict:
             raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
         if float(weight) == 0:
             continue
-        if name == "intermediate" and not getattr(task, "has_intermediate", True):
-            log.warning("objective.intermediate is left out: task %s has no intermediate variable", task.name)
+        try:
+            part_class = get_class(str(node.get("_target_")))
+        except Exception:  # noqa: BLE001 - any import failure means a wrong _target_
+            raise LabError(f"objective.{name}._target_={node.get('_target_')!r} is not an importable class") from None
+        if getattr(part_class, "needs_intermediate", False) and not getattr(task, "has_intermediate", True):
+            log.warning("objective.%s is left out: task %s has no intermediate variable", name, task.name)
             continue
-        target = str(node.get("_target_", ""))
-        if target.endswith("GroundingLoss") and not uses_images(cfg):
+        if getattr(part_class, "needs_images", False) and not uses_images(cfg):
             raise LabError(f"objective.{name} needs image data (modality=image or an image regime)")
         parts[name] = build(node, f"objective {name!r}", model=model, task=task)
     if not parts:
         raise LabError("every objective has weight 0; give objective.answer.weight a value > 0")
+    if all(part.anneal is not None for part in parts.values()):
+        end = max(part.anneal[1] for part in parts.values())
+        raise LabError(f"every objective fades out (by step {end}), so training would stop learning there; "
+                       "give objective.answer.weight a value > 0 (without anneal)")
     return parts
 
 

@@ -173,4 +173,9 @@ class ImageRetrieval:
 
     @property
     def max_prompt_len(self) -> int:
-        return 1 + self.n_image_tokens + 1 + 2 * self.task.max_objects + 2 + 3 * (getattr(self.task, "train_queries", 1) - 1)
+        return image_prompt_len(self.task, self.n_image_tokens)
+
+
+def image_prompt_len(task: RetrievalTask, n_image_tokens: int) -> int:
+    """Longest image prompt: [BOS], the image, [CTX_END], the associations, [QUE] c_q, follow-ups."""
+    return 1 + n_image_tokens + 1 + 2 * task.max_objects + 2 + 3 * (getattr(task, "train_queries", 1) - 1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tasks.protocol import TaskConfigError
-from tasks.vocab import BOS, QUE, SPECIAL_TOKENS, Vocab
+from tasks.vocab import BOS, QUE, object_vocab
 
 SPLITS = ("id", "ood")
 
@@ -68,8 +68,7 @@ class OneHopTask:
                                   f"raise task.n_colors/task.n_shapes (now {self.n_colors}/{self.n_shapes})")
         if self.eval_size < 1:
             raise TaskConfigError(f"task.eval_size must be >= 1, got {self.eval_size}")
-        self.vocab = Vocab(list(SPECIAL_TOKENS) + [f"color_{i}" for i in range(self.n_colors)]
-                           + [f"shape_{i}" for i in range(self.n_shapes)] + [f"item_{i}" for i in range(self.n_items)])
+        self.vocab = object_vocab(self.n_colors, self.n_shapes, self.n_items)
         self._color0, self._shape0 = self.vocab["color_0"], self.vocab["shape_0"]
 
     @property

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tasks.protocol import TaskConfigError
-from tasks.vocab import BOS, CTX_END, NOISE, QUE, SPECIAL_TOKENS, Vocab
+from tasks.vocab import BOS, CTX_END, NOISE, QUE, object_vocab
 
 SPLITS = ("id", "ood")
 _STREAM_TRAIN, _STREAM_EVAL = 0, 1
@@ -105,12 +105,7 @@ class RetrievalTask:
         self.eval_size, self.seed = int(eval_size), int(seed)
         self.train_queries = int(train_queries)
         self._validate()
-        self.vocab = Vocab(
-            list(SPECIAL_TOKENS)
-            + [f"color_{i}" for i in range(self.n_colors)]
-            + [f"shape_{i}" for i in range(self.n_shapes)]
-            + [f"item_{i}" for i in range(self.n_items)]
-        )
+        self.vocab = object_vocab(self.n_colors, self.n_shapes, self.n_items)
         self._color0 = self.vocab["color_0"]
         self._shape0 = self.vocab["shape_0"]
         self._item0 = self.vocab["item_0"]

@@ -7,6 +7,13 @@ PAD, BOS, CTX_END, QUE, NOISE, IMG = "[PAD]", "[BOS]", "[CTX_END]", "[QUE]", "[N
 SPECIAL_TOKENS = (PAD, BOS, CTX_END, QUE, NOISE, IMG)
 
 
+def object_vocab(n_colors: int, n_shapes: int, n_items: int) -> "Vocab":
+    """Special tokens, then ``color_i``, ``shape_i`` and ``item_i``: the vocabulary of the
+    retrieval tasks (shared token for token, so a model can move from one task to another)."""
+    return Vocab(list(SPECIAL_TOKENS) + [f"color_{i}" for i in range(n_colors)]
+                 + [f"shape_{i}" for i in range(n_shapes)] + [f"item_{i}" for i in range(n_items)])
+
+
 @dataclass
 class Vocab:
     """An ordered list of token strings with a string -> id lookup."""

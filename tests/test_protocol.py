@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_cfg
 
-from lab.build import build_objectives, build_training, load_trained
+from lab.build import build_training, load_trained
 from lab.data.batch import IGNORE_INDEX, Batch
 from lab.data.text import collate_text
 from lab.errors import LabError
@@ -89,3 +89,9 @@ def test_intermediate_aid_is_left_out_for_a_task_without_an_intermediate_variabl
     assert list(module.objectives) == ["answer", "intermediate"]
     with pytest.raises(LabError, match="every objective has weight 0"):
         build_training(tiny_cfg("objective.answer.weight=0"))
+
+
+def test_objectives_that_all_fade_out_are_refused():
+    with pytest.raises(LabError, match="every objective fades out"):
+        build_training(tiny_cfg("objective.answer.weight=0", "objective.intermediate.weight=1",
+                                "objective.intermediate.anneal=[10,20]"))

@@ -86,32 +86,32 @@ class Batch:
 
     def rows(self, keep: Tensor) -> "Batch":
         """The samples selected by ``keep`` ([B] bool or indices), every per-sample field included."""
-
-        def pick(value):
-            if isinstance(value, Tensor):
-                return value[keep.to(value.device)]
-            if isinstance(value, dict):
-                return {k: pick(v) for k, v in value.items()}
-            return value
-
-        return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return self._map(lambda t: t[keep.to(t.device)])
 
     def to(self, device) -> "Batch":
-        def move(value):
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn) -> "Batch":
+        """A copy with ``fn`` applied to every tensor, those in ``roles``/``objects`` included."""
+
+        def apply(value):
             if isinstance(value, Tensor):
-                return value.to(device)
+                return fn(value)
             if isinstance(value, dict):
-                return {k: move(v) for k, v in value.items()}
+                return {k: apply(v) for k, v in value.items()}
             return value
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-def padded(rows: list[list[int]], fill: int = -1) -> Tensor:
-    """[len(rows), longest] long tensor, right-padded with ``fill``."""
+def padded(rows: list, fill: int = -1) -> Tensor:
+    """[len(rows), longest, ...] long tensor of ragged rows, right-padded with ``fill``. Rows hold
+    ints, or equal-length tuples (e.g. (row, col) corners) that become a trailing dimension."""
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
+    first = next((r[0] for r in rows if len(r)), 0)
+    pad = [fill] * len(first) if isinstance(first, (tuple, list)) else fill
+    return torch.tensor([[*map(_as_list, r), *[pad] * (width - len(r))] for r in rows], dtype=torch.long)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple) else value

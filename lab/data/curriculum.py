@@ -1,9 +1,9 @@
 """Training data of a regime: each step draws its batch from one modality, chosen by the phase mix."""
 from __future__ import annotations
 
-import lightning as L
-
 from dataclasses import dataclass
+
+import lightning as L
 
 from lab.data.datamodule import StepStream, _loader
 

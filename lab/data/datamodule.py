@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lab.data.batch import Batch
 from lab.data.text import collate_text
 
 
@@ -93,6 +94,6 @@ class TextDataModule(L.LightningDataModule):
 
 def to_device(batch, device):
     """A batch (a :class:`~lab.data.batch.Batch` or a plain dict of tensors) on ``device``."""
-    if hasattr(batch, "to") and not isinstance(batch, dict):
+    if isinstance(batch, Batch):
         return batch.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -45,7 +45,7 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
         per_sample = [s.objects() for s in samples]
         for name, value in per_sample[0].items():
             rows = [o[name] for o in per_sample]
-            objects[name] = torch.tensor(rows) if isinstance(value, int) else _pad_nested(rows)
+            objects[name] = torch.tensor(rows) if isinstance(value, int) else padded(rows)
     return Batch(
         tokens=tokens,
         attend=attend,
@@ -57,18 +57,6 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
         objects=objects,
         mid_labels=mid if bool((mid != IGNORE_INDEX).any()) else None,
     )
-
-
-def _pad_nested(rows: list[list]) -> torch.Tensor:
-    """[B, N] (or [B, N, k] for lists of tuples) long tensor, padded with -1."""
-    if any(rows) and isinstance(next(r for r in rows if r)[0], (tuple, list)):
-        width = len(next(r for r in rows if r)[0])
-        out = torch.full((len(rows), max(len(r) for r in rows), width), -1, dtype=torch.long)
-        for i, row in enumerate(rows):
-            if row:
-                out[i, : len(row)] = torch.tensor(row)
-        return out
-    return padded(rows)
 
 
 class FixedLengthData:

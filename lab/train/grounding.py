@@ -31,7 +31,9 @@ def centre_cells(corners: Tensor, object_size: int, canvas_size: int, grid: tupl
 
 
 class GroundingLoss(Objective):
-    needs_images = True
+    """Colour/shape <-> image-token grounding of every drawn object (see module docstring)."""
+
+    needs_images = True  # refused for runs without an image stream
 
     def __init__(self, model, task, weight: float = 1.0, layer: int = 0, object_size: int = 10,
                  canvas_size: int = 48, anneal=None) -> None:

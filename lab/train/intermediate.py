@@ -24,6 +24,8 @@ from lab.train.objectives import LabelledRun, Objective
 class IntermediateSupervision(Objective):
     """Cross-entropy of ``readout(h_layer)`` at the query positions against the queried shape."""
 
+    needs_intermediate = True  # left out (with a warning) for tasks whose samples have no intermediate variable
+
     def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
                  space: str = "readout", n_layers: int | None = None) -> None:
         super().__init__(weight, anneal, "intermediate")

@@ -96,8 +96,11 @@ class TrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         step, logging = self.global_step, self._logging_step()
-        active = {name: (part, part.weight_at(step)) for name, part in self.objectives.items()}
-        active = {name: (part, w) for name, (part, w) in active.items() if w > 0 and part.applies(batch)}
+        active = {}
+        for name, part in self.objectives.items():
+            weight = part.weight_at(step)
+            if weight > 0 and part.applies(batch):
+                active[name] = (part, weight)
         out = labelled_run(self.model, batch, capture=[l for part, _ in active.values() for l in part.layers])
         loss = 0.0
         for name, (part, weight) in active.items():

@@ -55,6 +55,8 @@ class Objective(nn.Module):
     """Base of objective parts: a weight (optionally faded out) and a loss."""
 
     layers: tuple[int, ...] = ()
+    needs_images = False        # the builder refuses the part in runs without an image stream
+    needs_intermediate = False  # the builder leaves the part out for tasks without an intermediate variable
 
     def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective") -> None:
         super().__init__()
