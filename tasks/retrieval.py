@@ -292,7 +292,8 @@ def counterfactual_pairs(task: RetrievalTask, split: str, n: int, seed: int = 0,
     """``n`` seeded (base, counterfactual) pairs on ``split``'s object counts (at least 3 objects).
 
     B queries its object q. C has as many objects, fresh colours and items (its answer is an item B
-    does not use, so counts stop at ``n_items - 1``), and B's shapes rearranged so that C's queried
+    does not use, and its query colour a colour B does not use, so counts stop at ``n_items - 1`` and
+    ``n_colors - 1``), and B's shapes rearranged so that C's queried
     object sits at slot k and carries the shape of B's object j, with q, k, j distinct. Patching C into B then predicts:
     positional -> B's item at slot k; symbolic -> B's item for shape j; answer copy -> C's item;
     no effect -> B's own answer. Both prompts are clean (no noise) and equally long, so every
@@ -301,7 +302,7 @@ def counterfactual_pairs(task: RetrievalTask, split: str, n: int, seed: int = 0,
     lo, hi = task.object_range(split) if n_objects is None else (n_objects, n_objects)
     if hi < 3:
         raise TaskConfigError(f"counterfactual pairs need >= 3 objects; split {split!r} has at most {hi}")
-    lo, hi = max(lo, 3), min(hi, task.n_items - 1)  # C's answer must be an item B does not use
+    lo, hi = max(lo, 3), min(hi, task.n_items - 1, task.n_colors - 1)  # C's answer and query colour: none of B's
     pairs = []
     rng = np.random.default_rng([task.seed, 20, task.splits.index(split), int(seed)])
     for i in range(n):
@@ -312,7 +313,10 @@ def counterfactual_pairs(task: RetrievalTask, split: str, n: int, seed: int = 0,
         shapes = [base.shapes[o] for o in rng.permutation(count).tolist()]
         a, b = shapes.index(base.shapes[j]), k  # move shape j to slot k
         shapes[a], shapes[b] = shapes[b], shapes[a]
-        colors = rng.choice(task.n_colors, count, replace=False).tolist()
+        # C's query colour is none of B's, so patching the query token itself (h_0) points B at nothing.
+        query_color = int(rng.choice([x for x in range(task.n_colors) if x not in base.colors]))
+        colors = rng.choice([x for x in range(task.n_colors) if x != query_color], count, replace=False).tolist()
+        colors[k] = query_color
         new = int(rng.choice([x for x in range(task.n_items) if x not in base.items]))
         items = rng.choice([x for x in range(task.n_items) if x != new], count, replace=False).tolist()
         items[k] = new  # C's answer is none of B's items; its other items may repeat B's

@@ -38,6 +38,7 @@ def test_predictions_follow_from_the_prompts(split):
         assert got == expected and len(set(got.values())) == 4
         assert len(pair.base.tokens) == len(pair.counterfactual.tokens) and pair.base.n_objects >= 3
         assert c_assoc[c_shape] not in b_assoc.values()           # C's answer is none of B's items
+        assert c_query not in [c for c, _ in b_ctx]                 # nor its query colour one of B's colours
         assert pair.counterfactual.answer == pair.predictions["answer_copy"]
 
 

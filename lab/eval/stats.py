@@ -116,3 +116,14 @@ def rank_confusion(score: np.ndarray, reference: np.ndarray) -> np.ndarray:
     m = np.zeros((len(ra), len(ra)), int)
     m[ra, rb] = 1
     return m
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (well behaved at rates of 0 and 1); NaN when n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    z = float(sps.norm.ppf(0.5 + level / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
