@@ -5,7 +5,8 @@ encoder and set of training aids.
 finds every run directory (a folder with config.yaml and metrics.json) below the given paths.
 ``--figure <png>`` plots OOD accuracy per number of objects (one line per group, mean over seeds
 with a 95% CI band); ``--compare a:b`` adds Welch's t-test of group ``a`` vs group ``b`` (regime
-names) on every metric.
+names) on every metric. ``--binding`` adds the binding-mechanism table built from each run's
+``eval/interventions.json``, ``eval/probes.json`` and ``eval/knockout.json`` (see docs/binding.md).
 """
 from __future__ import annotations
 
@@ -161,18 +162,70 @@ def per_count_figure(records: list[dict], path: Path, split: str = "ood") -> Non
     plt.close(fig)
 
 
+def binding_record(run_dir: Path, split: str = "id", site: str = "final") -> dict | None:
+    """The binding evaluators' headline figures for one run (None when they have not been run):
+    first causal layer and its mechanism (interventions), the outcome rates there, the best probe
+    accuracy above chance per target, and the (layer, group) knockouts that cost the most."""
+    paths = {name: run_dir / "eval" / f"{name}.json" for name in ("interventions", "probes", "knockout")}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    interventions = json.loads(paths["interventions"].read_text())["results"][split]
+    summary = interventions["sites"][site]
+    first = summary["first_causal_layer"]
+    at_first = summary["layers"][first]["rates"] if first is not None else {}
+    probes = json.loads(paths["probes"].read_text())["results"]["text"][split]
+    knockout = json.loads(paths["knockout"].read_text())["results"]["text"][split]
+    drops = [(v["drop"], layer, group) for layer, groups in knockout["layers"].items() if layer != "all_layers"
+             for group, v in groups.items()]
+    return {
+        "n_used": interventions["n_used"],
+        "first_causal_layer": first,
+        "mechanism": summary["mechanism_at_first_causal"],
+        **{f"at_first_{h}": at_first.get(h) for h in ("positional", "symbolic", "answer_copy")},
+        **{f"probe_{t}": max(v["accuracy"]) - v["chance"] for t, v in probes.items()},
+        **{f"probe_{t}_layer": int(np.argmax(v["accuracy"])) for t, v in probes.items()},
+        "knockouts": ", ".join(f"{group}@{layer} {drop:.2f}" for drop, layer, group in sorted(drops, reverse=True) if drop >= 0.2),
+    }
+
+
+def binding_table(records: list[dict], split: str = "id", site: str = "final") -> str:
+    """Markdown table of the binding evaluators per group of runs (one line per run)."""
+    head = ["regime", "aids", "seed", "text ID", "pairs used", "first causal layer", "mechanism there",
+            "positional / symbolic / copy there", "probe slot (layer)", "probe shape (layer)", "knockouts >= 0.2 (group@block drop)"]
+    lines = [f"Interventions at the `{site}` site on {split.upper()} pairs; probes on {split.upper()} prompts "
+             "(best held-out accuracy minus chance, and its layer).\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (regime, _, aids), rs in group_runs(records).items():
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            b = binding_record(Path(r["run"]), split, site)
+            if b is None:
+                continue
+            acc = r["val/text_id_acc"]
+            rates = " / ".join("-" if b[f"at_first_{h}"] is None else f"{b[f'at_first_{h}']:.2f}"
+                               for h in ("positional", "symbolic", "answer_copy"))
+            lines.append("| " + " | ".join([
+                regime, aids, str(r["seed"]), "-" if acc is None else f"{acc:.3f}", str(b["n_used"]),
+                "none" if b["first_causal_layer"] is None else str(b["first_causal_layer"]), str(b["mechanism"] or "-"), rates,
+                f"{b['probe_slot']:+.2f} ({b['probe_slot_layer']})", f"{b['probe_shape']:+.2f} ({b['probe_shape_layer']})",
+                b["knockouts"] or "-"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run directories or folders holding them")
     parser.add_argument("--out", help="write the markdown table here (and a .csv of every run beside it)")
     parser.add_argument("--figure", help="write the OOD-accuracy-per-object-count plot here (PNG)")
     parser.add_argument("--compare", action="append", default=[], help="regime_a:regime_b, Welch's t-test (repeatable)")
+    parser.add_argument("--binding", action="store_true",
+                        help="add the binding-mechanism table (runs evaluated with interventions, probes, knockout)")
     args = parser.parse_args(argv)
     records = [run_record(r) for r in find_runs(args.paths)]
     table = to_markdown(aggregate(records))
     for pair in args.compare:
         a, _, b = pair.partition(":")
         table += compare(records, a, b)
+    if args.binding:
+        table += "\n" + binding_table(records) + "\n" + binding_table(records, split="ood")
     if args.figure:
         per_count_figure(records, Path(args.figure))
     print(table)
