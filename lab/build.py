@@ -25,6 +25,7 @@ from lab import runs
 from lab.data.curriculum import CurriculumDataModule
 from lab.errors import LabError, unwrap_instantiation
 from lab.models.interface import ResidualModel
+from lab.models.lora import is_adapter_parameter
 from lab.models.visual import Projector, VisionTextModel, build_encoder, check_encoder_name
 from lab.train import encoder_pretrain
 from lab.train.module import TrainingModule
@@ -97,9 +98,35 @@ def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> Res
     longest = task.max_prompt_len
     if getattr(backbone, "max_len", longest) < longest:
         raise LabError(f"model.max_len={backbone.max_len} is shorter than the longest prompt ({longest} tokens); raise it")
+    if cfg.get("adapter"):
+        backbone = build(cfg.adapter, "adapter", model=backbone)
     if not uses_images(cfg):
         return backbone
     return build_vision_model(cfg, backbone, task, load_encoder_weights)
+
+
+def init_from_run(model, source: str | Path, task) -> int:
+    """Load the weights of a trained run (its ``last.ckpt``, or a checkpoint path) into ``model``,
+    for fine-tuning; the run must be of the same task and vocabulary. Adapter parameters the run
+    lacks keep their initial values (LoRA's B = 0: the model starts equal to the trained one).
+    Returns the checkpoint's step."""
+    source = Path(source)
+    if not source.exists():
+        raise LabError(f"init_from={source} does not exist; pass a run directory written by train.py (or a .ckpt of one)")
+    path = runs.checkpoint_path(source, "last") if source.is_dir() else source
+    checkpoint = runs.load_checkpoint(path)
+    runs.check_checkpoint_matches(checkpoint, task, path)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise LabError(f"init_from={source}: its weights do not fit this model ({runs.one_line(error, 300)}); "
+                       "use the same model settings as that run") from None
+    missing = [k for k in missing if not is_adapter_parameter(k)]
+    if missing or unexpected:
+        raise LabError(f"init_from={source}: its weights do not fit this model (missing {missing[:4]}, "
+                       f"unexpected {unexpected[:4]}); use the same model settings as that run")
+    return int(checkpoint.get("global_step", 0))
 
 
 def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = True) -> VisionTextModel:
@@ -184,6 +211,9 @@ def build_training(cfg: DictConfig, run_dir: str | Path = "."):
     check_train_settings(cfg)
     task = build_task(cfg)
     model = build_model(cfg, task)
+    if cfg.get("init_from"):
+        step = init_from_run(model, cfg.init_from, task)
+        log.info("initialised from %s (step %d)", cfg.init_from, step)
     streams, primary = build_streams(cfg, task, model, cfg.train.batch_size, cfg.train.eval_batch_size)
     regime = parse_regime(cfg, primary, list(streams))
     if cfg.regime.get("match_steps_of"):
