@@ -7,6 +7,8 @@ finds every run directory (a folder with config.yaml and metrics.json) below the
 with a 95% CI band); ``--compare a:b`` adds Welch's t-test of group ``a`` vs group ``b`` (regime
 names) on every metric. ``--binding`` adds the binding-mechanism table built from each run's
 ``eval/interventions.json``, ``eval/probes.json`` and ``eval/knockout.json`` (see docs/binding.md).
+``--density LABEL=RUN[:SPLIT] ... --density-figure <png>`` draws the density-peak profiles of chosen
+runs and splits side by side (e.g. ICL at 0/1/2/5 shots vs SFT; docs/fewshot.md).
 """
 from __future__ import annotations
 
@@ -173,9 +175,11 @@ def binding_record(run_dir: Path, split: str = "id", site: str = "final") -> dic
     summary = interventions["sites"][site]
     first = summary["first_causal_layer"]
     at_first = summary["layers"][first]["rates"] if first is not None else {}
-    probes = json.loads(paths["probes"].read_text())["results"]["text"][split]
-    knockout = json.loads(paths["knockout"].read_text())["results"]["text"][split]
-    drops = [(v["drop"], layer, group) for layer, groups in knockout["layers"].items() if layer != "all_layers"
+    probes = json.loads(paths["probes"].read_text())["results"]["text"].get(split, {})
+    knockout = json.loads(paths["knockout"].read_text())
+    # only the reading-position knockout (queries=final) of this split goes in the table
+    table = knockout["results"]["text"].get(split, {}).get("layers", {}) if knockout.get("queries") == "final" else {}
+    drops = [(v["drop"], layer, group) for layer, groups in table.items() if layer != "all_layers"
              for group, v in groups.items()]
     return {
         "n_used": interventions["n_used"],
@@ -184,8 +188,15 @@ def binding_record(run_dir: Path, split: str = "id", site: str = "final") -> dic
         **{f"at_first_{h}": at_first.get(h) for h in ("positional", "symbolic", "answer_copy")},
         **{f"probe_{t}": max(v["accuracy"]) - v["chance"] for t, v in probes.items()},
         **{f"probe_{t}_layer": int(np.argmax(v["accuracy"])) for t, v in probes.items()},
-        "knockouts": ", ".join(f"{group}@{layer} {drop:.2f}" for drop, layer, group in sorted(drops, reverse=True) if drop >= 0.2),
+        "knockouts": ", ".join(f"{group}@{layer} {drop:.2f}" for drop, layer, group in sorted(drops, reverse=True)
+                               if drop >= 0.2) if table else "not run",
     }
+
+
+def _probe(record: dict, target: str) -> str:
+    if f"probe_{target}" not in record:
+        return "not run"
+    return f"{record[f'probe_{target}']:+.2f} ({record[f'probe_{target}_layer']})"
 
 
 def binding_table(records: list[dict], split: str = "id", site: str = "final") -> str:
@@ -205,20 +216,54 @@ def binding_table(records: list[dict], split: str = "id", site: str = "final") -
             lines.append("| " + " | ".join([
                 regime, aids, str(r["seed"]), "-" if acc is None else f"{acc:.3f}", str(b["n_used"]),
                 "none" if b["first_causal_layer"] is None else str(b["first_causal_layer"]), str(b["mechanism"] or "-"), rates,
-                f"{b['probe_slot']:+.2f} ({b['probe_slot_layer']})", f"{b['probe_shape']:+.2f} ({b['probe_shape_layer']})",
+                _probe(b, "slot"), _probe(b, "shape"),
                 b["knockouts"] or "-"]) + " |")
     return "\n".join(lines) + "\n"
 
 
+def density_profiles(conditions: list[str], path: Path, modality: str = "text") -> None:
+    """Density-peak profiles (``eval/density_peaks.json``), one line per ``LABEL=RUN[:SPLIT]``."""
+    from lab.eval.density_peaks import profile_figure
+
+    lines = {}
+    for condition in conditions:
+        label, sep, target = condition.partition("=")
+        run, _, split = target.partition(":")
+        if not sep or not run:
+            raise LabError(f"--density {condition!r}: write LABEL=RUN_DIR[:SPLIT]")
+        source = Path(run) / "eval" / "density_peaks.json"
+        if not source.is_file():
+            raise LabError(f"{source} not found; run python evaluate.py run={run} evaluators=[density_peaks] first")
+        results = json.loads(source.read_text())["results"].get(modality, {})
+        split = split or next(iter(results), "")
+        if split not in results:
+            raise LabError(f"{source} has no {modality}/{split!r}; it has {sorted(results)}")
+        lines[label] = results[split]
+    figure = profile_figure(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run directories or folders holding them")
+    parser.add_argument("paths", nargs="*", help="run directories or folders holding them")
     parser.add_argument("--out", help="write the markdown table here (and a .csv of every run beside it)")
     parser.add_argument("--figure", help="write the OOD-accuracy-per-object-count plot here (PNG)")
     parser.add_argument("--compare", action="append", default=[], help="regime_a:regime_b, Welch's t-test (repeatable)")
     parser.add_argument("--binding", action="store_true",
                         help="add the binding-mechanism table (runs evaluated with interventions, probes, knockout)")
+    parser.add_argument("--density", action="append", default=[], metavar="LABEL=RUN[:SPLIT]",
+                        help="a line of the density-peak profile figure (repeatable; needs --density-figure)")
+    parser.add_argument("--density-figure", help="write the density-peak profiles of the --density runs here (PNG)")
     args = parser.parse_args(argv)
+    if args.density or args.density_figure:
+        if not (args.density and args.density_figure):
+            raise LabError("--density and --density-figure go together")
+        density_profiles(args.density, Path(args.density_figure))
+        if not args.paths:
+            return
+    if not args.paths:
+        raise LabError("pass run directories (or folders holding them) to aggregate")
     records = [run_record(r) for r in find_runs(args.paths)]
     table = to_markdown(aggregate(records))
     for pair in args.compare:

@@ -61,6 +61,10 @@ class FewShotSample:
     query_block: tuple[int, int] = (0, 0)                            # [start, end) of the query block
     # training only: the demonstrations' letters are labelled too (task.train_queries > 1)
     followup_answers: list[tuple[int, int]] = field(default_factory=list)
+    # intermediate variables for the optional intermediate-supervision objective, named by the
+    # token value_<class>: the prompt's rule at every labelled [ANS], and at each demonstration's
+    # shown letter the class of the value that letter points to (what the demonstration says)
+    intermediate_labels: list[tuple[int, int]] = field(default_factory=list)
 
     def roles(self) -> dict[str, list[int]]:
         start, end = self.query_block
@@ -80,7 +84,7 @@ class FewShotTask:
     """Seeded generator of few-shot multiple-choice prompts (module docstring)."""
 
     name = "fewshot"
-    has_intermediate = False
+    has_intermediate = True  # the rule: objective.intermediate can supervise it (docs/fewshot.md)
 
     def __init__(self, n_topics: int = 16, question_tokens: int = 8, n_values: int = 16, max_shots: int = 5,
                  eval_shots=(0, 1, 2, 5), topic_prior: float = 0.7, demo_noise: float = 0.2,
@@ -180,7 +184,7 @@ class FewShotTask:
         if header:
             header_positions = [len(tokens), len(tokens) + 1]
             tokens += [self.vocab[TOPIC], self.vocab[f"topic_{topic}"]]
-        demo_answers, followups = [], []
+        demo_answers, followups, shown_classes = [], [], []
         for _ in range(shots):
             block, letter = self._block(rng, topic, rule, self._train_questions[topic])
             shown = letter if rng.random() >= demo_noise else int(rng.choice([x for x in range(4) if x != letter]))
@@ -188,15 +192,20 @@ class FewShotTask:
             tokens += block + [self.vocab[LETTERS[shown]]]
             demo_answers.append(start + BLOCK_LEN - 1)
             followups.append((start + BLOCK_LEN - 2, self.vocab[LETTERS[shown]]))
+            shown_value = self.vocab.decode([block[5 + 2 * shown]])[0]
+            shown_classes.append((start + BLOCK_LEN - 1, self.vocab[f"value_{int(shown_value.split('_')[1]) % 4}"]))
         questions = self._heldout_questions[topic] if heldout else self._train_questions[topic]
         block, letter = self._block(rng, topic, rule, questions)
         start = len(tokens)
         tokens += block
+        followups = followups if self.train_queries > 1 else []
+        rule_token = self.vocab[f"value_{rule}"]
         return FewShotSample(
             tokens=tokens, answer=self.vocab[LETTERS[letter]], n_objects=shots, query_position=len(tokens) - 1,
             topic=topic, rule=rule, letter=letter, demo_answer_positions=demo_answers,
             header_positions=header_positions, query_block=(start, len(tokens)),
-            followup_answers=followups if self.train_queries > 1 else [],
+            followup_answers=followups,
+            intermediate_labels=[(len(tokens) - 1, rule_token)] + [(p, rule_token) for p, _ in followups] + shown_classes,
         )
 
     def _block(self, rng, topic: int, rule: int, questions) -> tuple[list[int], int]:

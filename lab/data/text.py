@@ -14,7 +14,8 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
     Training samples with follow-up queries (``followup_tokens``/``followup_answers``) are
     continued by them, and their answers are labelled too; evaluation reads only ``answer_pos``.
     ``roles`` come from ``sample.roles()``, ``objects`` from ``sample.objects()`` when defined,
-    ``mid_labels`` from ``query_shape``/``followup_shapes`` when the task has an intermediate variable.
+    ``mid_labels`` from ``query_shape``/``followup_shapes`` (or ``intermediate_labels``, (position, token)
+    pairs) when the task has an intermediate variable.
     """
     sequences = [list(s.tokens) + list(getattr(s, "followup_tokens", [])) for s in samples]
     B, T = len(samples), max(len(seq) for seq in sequences)
@@ -32,6 +33,8 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
         followups = getattr(s, "followup_answers", [])
         for position, answer in followups:
             labels[i, position] = answer
+        for position, token in getattr(s, "intermediate_labels", []):
+            mid[i, position] = token
         if getattr(s, "query_shape", -1) >= 0:
             mid[i, s.query_position] = s.query_shape
             for (position, _), shape in zip(followups, getattr(s, "followup_shapes", [])):
