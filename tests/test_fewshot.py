@@ -109,3 +109,37 @@ def test_lora_starts_equal_and_trains_only_adapters():
         assert torch.equal(model.state_dict()[name], value)
     with pytest.raises(LabError, match="match no linear layer"):
         add_lora(Backbone(vocab_size=10, n_layers=1, d_model=16, n_heads=2, d_ff=32), targets=["nothing"])
+
+
+FEWSHOT_TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "task.n_topics=4",
+                "task.eval_size=16", "train.batch_size=16", "train.eval_batch_size=32", "train.max_steps=10",
+                "train.val_every=5", "train.warmup_steps=2", "trainer.enable_progress_bar=false",
+                "+trainer.enable_model_summary=false"]
+
+
+def test_pretrain_then_lora_sft_from_it(tmp_path, tiny_run):
+    """experiment=fewshot_pretrain, then experiment=fewshot_sft init_from=<it> adapter=lora: the
+    fine-tuned run starts from the pretrained weights, trains only the adapters and records its origin."""
+    from omegaconf import OmegaConf
+
+    from conftest import InitRecorder, compose_cfg
+    from lab.runs import load_checkpoint
+    from lab.train.run import train
+
+    pre_dir = tmp_path / "pre"
+    train(compose_cfg("train", ["experiment=fewshot_pretrain", *FEWSHOT_TINY]), pre_dir)
+    pretrained = {k: v for k, v in load_checkpoint(pre_dir / "last.ckpt")["state_dict"].items()}
+    init = InitRecorder()
+    sft_dir = tmp_path / "sft"
+    cfg = compose_cfg("train", ["experiment=fewshot_sft", "adapter=lora", f"init_from={pre_dir}", *FEWSHOT_TINY])
+    train(cfg, sft_dir, extra_callbacks=[init])
+    for name, value in pretrained.items():
+        assert torch.equal(init.state[name], value), name           # starts from the pretrained weights
+    tuned = load_checkpoint(sft_dir / "last.ckpt")["state_dict"]
+    changed = {n for n, v in tuned.items() if n in pretrained and not torch.equal(v, pretrained[n])}
+    assert not changed                                               # base weights frozen
+    assert any(n.endswith("lora_b") and v.abs().sum() > 0 for n, v in tuned.items())
+    assert OmegaConf.load(sft_dir / "config.yaml").init_from == str(pre_dir)
+    # a run of another task is refused, naming the mismatch
+    with pytest.raises(LabError, match="trained on task 'retrieval'"):
+        train(compose_cfg("train", ["experiment=fewshot_sft", f"init_from={tiny_run.dir}", *FEWSHOT_TINY]), tmp_path / "bad")
