@@ -84,6 +84,7 @@ class FewShotTask:
     """Seeded generator of few-shot multiple-choice prompts (module docstring)."""
 
     name = "fewshot"
+    size_label = "demonstrations (shots)"  # what n_objects counts here (plots)
     has_intermediate = True  # the rule: objective.intermediate can supervise it (docs/fewshot.md)
 
     def __init__(self, n_topics: int = 16, question_tokens: int = 8, n_values: int = 16, max_shots: int = 5,

@@ -49,7 +49,8 @@ def _plot(results: dict, task):
         xs = sorted(n for split in splits.values() for n in split["per_objects"])
         ys = [next(s["per_objects"][n] for s in splits.values() if n in s["per_objects"]) for n in xs]
         ax.plot(xs, ys, marker="o", label=modality)
-    ax.axvspan(task.id_objects[0] - 0.5, task.id_objects[1] + 0.5, color="tab:green", alpha=0.08, label="ID")
-    ax.set(xlabel="number of objects", ylabel="accuracy", ylim=(0, 1.02), title="Answer accuracy")
+    if hasattr(task, "id_objects"):
+        ax.axvspan(task.id_objects[0] - 0.5, task.id_objects[1] + 0.5, color="tab:green", alpha=0.08, label="ID")
+    ax.set(xlabel=getattr(task, "size_label", "number of objects"), ylabel="accuracy", ylim=(0, 1.02), title="Answer accuracy")
     ax.legend()
     return fig
