@@ -242,3 +242,23 @@ def test_evaluator_reports_too_few_points_and_checks_layers_and_labels(tiny_cont
         DensityPeaksEvaluator(layers=[3])(ctx)
     with pytest.raises(LabError, match="not provided"):
         DensityPeaksEvaluator(labels=["topic"])(ctx)
+
+
+def test_bad_layers_are_reported_with_the_reason():
+    from lab.eval.density_peaks import landscape_statistics
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 8))
+    labels = {"a": rng.integers(0, 3, 200)}
+    X[5, 2] = np.nan
+    broken = landscape_statistics(X, labels)
+    assert np.isnan(broken["intrinsic_dim"]) and "non-finite" in broken["note"]
+    few = landscape_statistics(rng.normal(size=(20, 8)), {"a": rng.integers(0, 3, 20)})
+    assert np.isnan(few["n_peaks"]) and "only 20 distinct points" in few["note"]
+    assert landscape_statistics(rng.normal(size=(200, 8)), labels)["note"] is None
+
+
+def test_one_class_label_sets_are_dropped_with_the_reason():
+    evaluator = DensityPeaksEvaluator()
+    kept, dropped = evaluator._chosen({"same": np.zeros(10), "varies": np.arange(10)})
+    assert list(kept) == ["varies"] and "one class" in dropped["same"]

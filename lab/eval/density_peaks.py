@@ -34,6 +34,7 @@ line per modality/split); :func:`profile_figure` draws the same panels for sever
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -47,6 +48,8 @@ from scipy.special import betaln, gammaln
 
 from lab.errors import LabError
 from lab.eval.base import EvalContext, Evaluator
+
+log = logging.getLogger(__name__)
 
 ADP_NEIGHBOURS = 100  # neighbours searched when ADP links a point to a denser one (DADApy's default maxk)
 SCALAR_STATS = ("n_points", "intrinsic_dim", "intrinsic_dim_error", "n_peaks", "core_fraction", "seconds")
@@ -340,8 +343,12 @@ def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_sc
     nan = float("nan")
     out = {"n_points": n, "intrinsic_dim": nan, "intrinsic_dim_error": nan, "n_peaks": nan, "core_fraction": nan,
            "ari": {name: nan for name in labels}, "overlap": {name: nan for name in labels},
-           "overlap_chance": {name: overlap_chance(v) for name, v in labels.items()}, "timings": {}}
+           "overlap_chance": {name: overlap_chance(v) for name, v in labels.items()}, "timings": {}, "note": None}
+    if not np.isfinite(X).all():
+        out["note"] = "the layer holds non-finite values (NaN or inf); no statistic computed"
+        return out
     if n - 1 < max(k, n2):
+        out["note"] = (f"only {n} distinct points; k={k} and the ID scale n2={n2} need at least {max(k, n2) + 1}")
         return out
     clock = time.perf_counter()
     timings = out["timings"]
@@ -461,12 +468,13 @@ class DensityPeaksEvaluator(Evaluator):
             results[modality] = {}
             for split in ctx.choose_splits(self.splits):
                 states, labels = final_token_states(ctx.model, ctx.batches(split, modality), layers)
-                labels = self._chosen(labels)
+                labels, dropped = self._chosen(labels)
                 n_samples = len(states[0])
                 if n_samples > self.max_points:
                     subset = np.sort(np.random.default_rng(0).choice(n_samples, self.max_points, replace=False))
                     states, labels = [s[subset] for s in states], {n: v[subset] for n, v in labels.items()}
-                entry = {"layers": layers, "n_samples": len(states[0]), "labels": list(labels),
+                entry = {"layers": layers, "n_samples": len(states[0]), "labels": list(labels), "notes": [],
+                         "dropped_labels": dropped,
                          **{s: [] for s in SCALAR_STATS}, **{s: {n: [] for n in labels} for s in LABEL_STATS}}
                 for layer, X in zip(layers, states):
                     start = time.perf_counter()
@@ -474,6 +482,9 @@ class DensityPeaksEvaluator(Evaluator):
                     stats = landscape_statistics(X, {n: v[keep] for n, v in labels.items()}, self.k, self.id_scale,
                                                  self.Z, self.halo, self.overlap_fraction)
                     stats["seconds"] = time.perf_counter() - start
+                    entry["notes"].append(stats["note"])
+                    if stats["note"]:
+                        log.warning("density_peaks %s/%s layer %d: %s", modality, split, layer, stats["note"])
                     for s in SCALAR_STATS:
                         entry[s].append(_finite(stats[s]))
                     for s in LABEL_STATS:
@@ -482,7 +493,7 @@ class DensityPeaksEvaluator(Evaluator):
                     rows.append({"modality": modality, "split": split, "layer": layer,
                                  **{s: stats[s] for s in SCALAR_STATS if s != "seconds"},
                                  **{f"{s}_{n}": stats[s][n] for s in LABEL_STATS for n in labels},
-                                 "seconds": stats["seconds"]})
+                                 "seconds": stats["seconds"], "note": stats["note"] or ""})
                 results[modality][split] = entry
         payload = {"k": self.k, "id_scale": self.id_scale, "Z": self.Z, "halo": self.halo,
                    "overlap_fraction": self.overlap_fraction, "max_points": self.max_points, "results": results}
@@ -502,13 +513,15 @@ class DensityPeaksEvaluator(Evaluator):
         return sorted(set(self.layers))
 
     def _chosen(self, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The requested label sets (all by default), without those constant over the split."""
+        """The requested label sets (all by default) without those constant over the split, and the
+        dropped ones with the reason."""
         if self.labels is not None:
             unknown = [n for n in self.labels if n not in labels]
             if unknown:
                 raise LabError(f"density_peaks labels {unknown} not provided by the task; it has {sorted(labels)}")
             labels = {n: labels[n] for n in self.labels}
-        return {n: v for n, v in labels.items() if len(np.unique(v)) > 1}
+        dropped = {n: "one class in this split (ARI and overlap undefined)" for n, v in labels.items() if len(np.unique(v)) < 2}
+        return {n: v for n, v in labels.items() if n not in dropped}, dropped
 
 
 def _finite(value):
