@@ -262,3 +262,20 @@ def test_one_class_label_sets_are_dropped_with_the_reason():
     evaluator = DensityPeaksEvaluator()
     kept, dropped = evaluator._chosen({"same": np.zeros(10), "varies": np.arange(10)})
     assert list(kept) == ["varies"] and "one class" in dropped["same"]
+
+
+def test_streams_are_pooled_with_a_modality_label(tmp_path):
+    """Two data streams (here the same text prompts twice) give an extra ``pooled`` entry whose
+    points carry the stream as the label ``modality``."""
+    from lab.models.backbone import Backbone
+    from tasks.retrieval import RetrievalTask
+
+    torch.manual_seed(0)
+    task = RetrievalTask(eval_size=48)
+    model = Backbone(vocab_size=len(task.vocab), n_layers=1, d_model=16, n_heads=2, d_ff=32).eval()
+    data = TextDataModule(task, eval_batch_size=48)
+    ctx = EvalContext(model=model, task=task, data={"text": data, "copy": data}, out_dir=tmp_path)
+    results = DensityPeaksEvaluator(splits=["id"], plots=False)(ctx)["results"]
+    pooled = results["pooled"]["id"]
+    assert set(results) == {"text", "copy", "pooled"} and "modality" in pooled["labels"]
+    assert pooled["n_samples"] == 96 and "modality" not in results["text"]["id"]["labels"]

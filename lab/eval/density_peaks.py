@@ -18,6 +18,9 @@ cloud (float64, exact duplicates removed), and we measure:
   weighted equally (as DADApy's ``return_label_overlap``); ``overlap_chance`` is its expected
   value when the labels are independent of the geometry.
 
+With several data streams (an image run's text and image prompts), ``pool_modalities`` adds the
+entry ``pooled``: all streams' prompts as one point cloud with the extra label ``modality``.
+
 Label sets (:func:`batch_labels`): ``answer``, ``n_objects``, every per-sample (1-D) fact of
 ``batch.objects`` under its own name (the few-shot task's ``topic``, ``answer_letter``...) and, for
 the retrieval task, the queried object's ``query_color`` and ``query_shape``. A label set that is
@@ -437,7 +440,7 @@ class DensityPeaksEvaluator(Evaluator):
 
     def __init__(self, splits=None, modalities=None, layers=None, k: int = 16, id_scale=(16, 32), Z: float = 1.6,
                  halo: bool = True, overlap_fraction: float = 0.3, max_points: int = 10000, labels=None,
-                 plots: bool = True) -> None:
+                 pool_modalities: bool = True, plots: bool = True) -> None:
         self.splits, self.modalities, self.labels = _names("splits", splits), _names("modalities", modalities), \
             _names("labels", labels)
         if layers is not None and not isinstance(layers, Iterable):
@@ -454,47 +457,32 @@ class DensityPeaksEvaluator(Evaluator):
         if isinstance(overlap_fraction, bool) or not isinstance(overlap_fraction, numbers.Real) \
                 or not 0 < overlap_fraction <= 1:
             raise LabError(f"density_peaks overlap_fraction must be in (0, 1], got {overlap_fraction!r}")
-        for flag, value in (("halo", halo), ("plots", plots)):
+        for flag, value in (("halo", halo), ("plots", plots), ("pool_modalities", pool_modalities)):
             if not isinstance(value, bool):
                 raise LabError(f"density_peaks {flag} must be true or false, got {value!r}")
         self.Z, self.overlap_fraction, self.halo, self.plots = float(Z), float(overlap_fraction), halo, plots
+        self.pool_modalities = pool_modalities
         self.max_points = _integer("max_points", max_points, 2)
 
     def __call__(self, ctx: EvalContext) -> dict:
         ctx.model.eval()
         layers = self._layers(ctx.model.n_layers)
+        modalities, splits = ctx.choose_modalities(self.modalities), ctx.choose_splits(self.splits)
+        collected = {(m, s): final_token_states(ctx.model, ctx.batches(s, m), layers) for m in modalities for s in splits}
+        if self.pool_modalities and len(modalities) > 1:
+            # every stream's prompts as one point cloud, labelled by the stream ("modality")
+            for split in splits:
+                parts = [collected[(m, split)] for m in modalities]
+                common = set.intersection(*(set(labels) for _, labels in parts))
+                states = [np.concatenate([p[0][i] for p in parts]) for i in range(len(layers))]
+                labels = {n: np.concatenate([p[1][n] for p in parts]) for n in sorted(common)}
+                labels["modality"] = np.concatenate([np.full(len(p[0][0]), i) for i, p in enumerate(parts)])
+                collected[("pooled", split)] = (states, labels)
         results, rows = {}, []
-        for modality in ctx.choose_modalities(self.modalities):
-            results[modality] = {}
-            for split in ctx.choose_splits(self.splits):
-                states, labels = final_token_states(ctx.model, ctx.batches(split, modality), layers)
-                labels, dropped = self._chosen(labels)
-                n_samples = len(states[0])
-                if n_samples > self.max_points:
-                    subset = np.sort(np.random.default_rng(0).choice(n_samples, self.max_points, replace=False))
-                    states, labels = [s[subset] for s in states], {n: v[subset] for n, v in labels.items()}
-                entry = {"layers": layers, "n_samples": len(states[0]), "labels": list(labels), "notes": [],
-                         "dropped_labels": dropped,
-                         **{s: [] for s in SCALAR_STATS}, **{s: {n: [] for n in labels} for s in LABEL_STATS}}
-                for layer, X in zip(layers, states):
-                    start = time.perf_counter()
-                    X, keep = remove_duplicates(X)
-                    stats = landscape_statistics(X, {n: v[keep] for n, v in labels.items()}, self.k, self.id_scale,
-                                                 self.Z, self.halo, self.overlap_fraction)
-                    stats["seconds"] = time.perf_counter() - start
-                    entry["notes"].append(stats["note"])
-                    if stats["note"]:
-                        log.warning("density_peaks %s/%s layer %d: %s", modality, split, layer, stats["note"])
-                    for s in SCALAR_STATS:
-                        entry[s].append(_finite(stats[s]))
-                    for s in LABEL_STATS:
-                        for n in labels:
-                            entry[s][n].append(_finite(stats[s][n]))
-                    rows.append({"modality": modality, "split": split, "layer": layer,
-                                 **{s: stats[s] for s in SCALAR_STATS if s != "seconds"},
-                                 **{f"{s}_{n}": stats[s][n] for s in LABEL_STATS for n in labels},
-                                 "seconds": stats["seconds"], "note": stats["note"] or ""})
-                results[modality][split] = entry
+        for (modality, split), (states, labels) in collected.items():
+            entry, entry_rows = self._analyse(states, labels, layers, f"{modality}/{split}")
+            results.setdefault(modality, {})[split] = entry
+            rows += [{"modality": modality, "split": split, **row} for row in entry_rows]
         payload = {"k": self.k, "id_scale": self.id_scale, "Z": self.Z, "halo": self.halo,
                    "overlap_fraction": self.overlap_fraction, "max_points": self.max_points, "results": results}
         ctx.write_json(self.name, payload)
@@ -503,6 +491,36 @@ class DensityPeaksEvaluator(Evaluator):
             ctx.save_figure(self.name, profile_figure(
                 {f"{m}/{s}": entry for m, splits in results.items() for s, entry in splits.items()}))
         return payload
+
+    def _analyse(self, states, labels, layers, where: str) -> tuple[dict, list[dict]]:
+        """Per-layer statistics of one point cloud per layer: the JSON entry and the CSV rows."""
+        labels, dropped = self._chosen(labels)
+        n_samples = len(states[0])
+        if n_samples > self.max_points:
+            subset = np.sort(np.random.default_rng(0).choice(n_samples, self.max_points, replace=False))
+            states, labels = [s[subset] for s in states], {n: v[subset] for n, v in labels.items()}
+        entry = {"layers": layers, "n_samples": len(states[0]), "labels": list(labels), "notes": [],
+                 "dropped_labels": dropped,
+                 **{s: [] for s in SCALAR_STATS}, **{s: {n: [] for n in labels} for s in LABEL_STATS}}
+        rows = []
+        for layer, X in zip(layers, states):
+            start = time.perf_counter()
+            X, keep = remove_duplicates(X)
+            stats = landscape_statistics(X, {n: v[keep] for n, v in labels.items()}, self.k, self.id_scale,
+                                         self.Z, self.halo, self.overlap_fraction)
+            stats["seconds"] = time.perf_counter() - start
+            entry["notes"].append(stats["note"])
+            if stats["note"]:
+                log.warning("density_peaks %s layer %d: %s", where, layer, stats["note"])
+            for s in SCALAR_STATS:
+                entry[s].append(_finite(stats[s]))
+            for s in LABEL_STATS:
+                for n in labels:
+                    entry[s][n].append(_finite(stats[s][n]))
+            rows.append({"layer": layer, **{s: stats[s] for s in SCALAR_STATS if s != "seconds"},
+                         **{f"{s}_{n}": stats[s][n] for s in LABEL_STATS for n in labels},
+                         "seconds": stats["seconds"], "note": stats["note"] or ""})
+        return entry, rows
 
     def _layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
@@ -516,10 +534,10 @@ class DensityPeaksEvaluator(Evaluator):
         """The requested label sets (all by default) without those constant over the split, and the
         dropped ones with the reason."""
         if self.labels is not None:
-            unknown = [n for n in self.labels if n not in labels]
+            unknown = [n for n in self.labels if n not in labels and n != "modality"]  # modality: pooled entries only
             if unknown:
                 raise LabError(f"density_peaks labels {unknown} not provided by the task; it has {sorted(labels)}")
-            labels = {n: labels[n] for n in self.labels}
+            labels = {n: labels[n] for n in self.labels if n in labels}
         dropped = {n: "one class in this split (ARI and overlap undefined)" for n, v in labels.items() if len(np.unique(v)) < 2}
         return {n: v for n, v in labels.items() if n not in dropped}, dropped
 
