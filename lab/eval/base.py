@@ -138,3 +138,22 @@ def answer_predictions(model: ResidualModel, batches, **run_kwargs) -> tuple[tor
         targets.append(batch["targets"].cpu())
         counts.append(batch["n_objects"].cpu())
     return torch.cat(preds), torch.cat(targets), torch.cat(counts)
+
+
+@torch.no_grad()
+def final_token_states(model: ResidualModel, batches, layers, labels_of) -> tuple[list, dict]:
+    """h_l at each prompt's answer position for ``layers`` ([N, D] float64 numpy arrays, one per
+    layer) and ``labels_of(batch)`` (name -> [B] numpy array) concatenated over the batches."""
+    import numpy as np
+
+    states, labels = [[] for _ in layers], {}
+    for batch in batches:
+        out = model.run(batch, capture=layers)
+        rows = torch.arange(len(batch), device=batch.tokens.device)
+        for i, layer in enumerate(layers):
+            states[i].append(out.captured[layer][rows, batch.answer_pos].double().cpu().numpy())
+        for name, value in labels_of(batch).items():
+            labels.setdefault(name, []).append(np.asarray(value))
+    if not states[0]:
+        raise LabError("no evaluation batches to read states from")
+    return [np.concatenate(s) for s in states], {name: np.concatenate(v) for name, v in labels.items()}

@@ -50,7 +50,7 @@ from scipy.optimize import brentq
 from scipy.special import betaln, gammaln
 
 from lab.errors import LabError
-from lab.eval.base import EvalContext, Evaluator
+from lab.eval.base import EvalContext, Evaluator, final_token_states
 
 log = logging.getLogger(__name__)
 
@@ -401,22 +401,6 @@ def batch_labels(batch) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def final_token_states(model, batches, layers) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """h_l at each prompt's answer position for the given layers ([N, D] float64 each) and the
-    label sets of :func:`batch_labels`, concatenated over the batches."""
-    states, labels = [[] for _ in layers], {}
-    for batch in batches:
-        out = model.run(batch, capture=layers)
-        rows = torch.arange(len(batch), device=batch.tokens.device)
-        for i, layer in enumerate(layers):
-            states[i].append(out.captured[layer][rows, batch.answer_pos].double().cpu().numpy())
-        for name, value in batch_labels(batch).items():
-            labels.setdefault(name, []).append(value)
-    if not states[0]:
-        raise LabError("density_peaks got no evaluation batches")
-    return [np.concatenate(s) for s in states], {name: np.concatenate(v) for name, v in labels.items()}
-
-
 # ------------------------------------------------------------------------------------- evaluator
 def _integer(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -468,7 +452,8 @@ class DensityPeaksEvaluator(Evaluator):
         ctx.model.eval()
         layers = self._layers(ctx.model.n_layers)
         modalities, splits = ctx.choose_modalities(self.modalities), ctx.choose_splits(self.splits)
-        collected = {(m, s): final_token_states(ctx.model, ctx.batches(s, m), layers) for m in modalities for s in splits}
+        collected = {(m, s): final_token_states(ctx.model, ctx.batches(s, m), layers, batch_labels)
+                     for m in modalities for s in splits}
         if self.pool_modalities and len(modalities) > 1:
             # every stream's prompts as one point cloud, labelled by the stream ("modality")
             for split in splits:

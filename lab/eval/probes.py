@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lab.errors import LabError
-from lab.eval.base import EvalContext, Evaluator
+from lab.eval.base import EvalContext, Evaluator, final_token_states
 
 TARGETS = ("slot", "association_slot", "shape", "item")
 
@@ -47,7 +47,8 @@ class ProbesEvaluator(Evaluator):
         for modality in ctx.choose_modalities(self.modalities):
             results[modality] = {}
             for split in ctx.choose_splits(self.splits):
-                states, labels = final_token_states(ctx.model, ctx.batches(split, modality))
+                layers = list(range(ctx.model.n_layers + 1))
+                states, labels = final_token_states(ctx.model, ctx.batches(split, modality), layers, probe_labels)
                 per_target = {}
                 for target in self.targets:
                     curve = [probe_accuracy(states[layer], labels[target], self.test_fraction, self.regularization,
@@ -66,25 +67,18 @@ class ProbesEvaluator(Evaluator):
         return payload
 
 
-@torch.no_grad()
-def final_token_states(model, batches) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """h_l at each prompt's final token for l = 0..L ([N, D] float64 each) and the probe labels."""
-    layers = list(range(model.n_layers + 1))
-    states, labels = [[] for _ in layers], {t: [] for t in TARGETS}
-    for batch in batches:
-        if "query_object" not in batch.objects:
-            raise LabError("probes need the task's per-object facts (batch.objects); this task provides none")
-        out = model.run(batch, capture=layers)
-        rows = torch.arange(len(batch), device=batch.tokens.device)
-        for layer in layers:
-            states[layer].append(out.captured[layer][rows, batch.answer_pos].double().cpu().numpy())
-        objects = batch.objects
-        query = objects["query_object"]
-        labels["slot"].append(query.cpu().numpy())
-        labels["association_slot"].append((objects["association_order"] == query[:, None]).float().argmax(1).cpu().numpy())
-        labels["shape"].append(objects["shapes"].gather(1, query[:, None])[:, 0].cpu().numpy())
-        labels["item"].append(objects["items"].gather(1, query[:, None])[:, 0].cpu().numpy())
-    return [np.concatenate(s) for s in states], {t: np.concatenate(v) for t, v in labels.items()}
+def probe_labels(batch) -> dict[str, np.ndarray]:
+    """The probe targets of a batch (needs the task's per-object facts, ``batch.objects``)."""
+    if "query_object" not in batch.objects:
+        raise LabError("probes need the task's per-object facts (batch.objects); this task provides none")
+    objects = batch.objects
+    query = objects["query_object"]
+    return {
+        "slot": query.cpu().numpy(),
+        "association_slot": (objects["association_order"] == query[:, None]).float().argmax(1).cpu().numpy(),
+        "shape": objects["shapes"].gather(1, query[:, None])[:, 0].cpu().numpy(),
+        "item": objects["items"].gather(1, query[:, None])[:, 0].cpu().numpy(),
+    }
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, test_fraction: float = 0.5, regularization: float = 1.0,
