@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 
 from lab.errors import LabError
 from lab.eval.base import EvalContext, Evaluator, final_token_states
