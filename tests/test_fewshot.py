@@ -143,3 +143,16 @@ def test_pretrain_then_lora_sft_from_it(tmp_path, tiny_run):
     # a run of another task is refused, naming the mismatch
     with pytest.raises(LabError, match="trained on task 'retrieval'"):
         train(compose_cfg("train", ["experiment=fewshot_sft", f"init_from={tiny_run.dir}", *FEWSHOT_TINY]), tmp_path / "bad")
+
+
+def test_intermediate_labels_name_the_rule_and_what_each_demo_shows():
+    task = FewShotTask(train_queries=2, demo_noise=0.3)
+    for sample in task.train_batch(3, 32):
+        words = task.vocab.decode(sample.tokens)
+        labels = dict(sample.intermediate_labels)
+        rule_token = task.vocab[f"value_{sample.rule}"]
+        assert labels[sample.query_position] == rule_token                      # the query's [ANS]: the rule
+        for (_, choices, shown), letter_pos in zip(_blocks(task, sample.tokens)[:-1], sample.demo_answer_positions):
+            assert words[letter_pos] == shown
+            assert labels[letter_pos - 1] == rule_token                          # each demo's [ANS]: the rule
+            assert labels[letter_pos] == task.vocab[f"value_{choices[shown] % 4}"]  # its letter: the class it shows
