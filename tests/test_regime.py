@@ -164,3 +164,20 @@ def test_image_text_curriculum_end_to_end(tmp_path):
     for record in got:  # every phase validates text and image, ID and OOD
         assert {"val/text_id_acc", "val/text_ood_acc", "val/image_id_acc", "val/image_ood_acc"} <= set(record)
     assert metrics["step"] == 40
+
+
+def test_noisy_text_is_its_own_stream(tmp_path):
+    """regime=noise_text trains on the noisy_text stream and validates on the clean text stream."""
+    from lab.build import build_training
+
+    cfg = tiny_cfg("regime=noise_text", "task.noise_tokens=[1,3]")
+    task, datamodule, _, controller = build_training(cfg, tmp_path)
+    assert set(datamodule.data) == {"text", "noisy_text"}
+    assert datamodule.val_names == ["text_id", "text_ood"]           # noisy_text only trains
+    assert controller.phase.mix == {"noisy_text": 1.0} and controller.phase.noise is None
+    noise_id = task.vocab["[NOISE]"]
+    train = [datamodule.train_stream.batch(step) for step in range(3)]
+    assert all(bool((b["tokens"] == noise_id).any()) for b in train)
+    assert not any(bool((b["tokens"] == noise_id).any()) for b in datamodule.data["text"].eval_batches("id"))
+    clean = datamodule.data["text"].train_batch(0)                    # the text stream itself is clean
+    assert not bool((clean["tokens"] == noise_id).any())

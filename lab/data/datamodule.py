@@ -67,16 +67,21 @@ def _loader(dataset) -> DataLoader:
 
 
 class TextDataModule(L.LightningDataModule):
-    """Text-modality batches for a task: one training stream, one validation set per split."""
+    """A text data stream for a task: one training stream, one validation set per split.
 
-    modality = "text"
+    ``name`` is the stream's name in regime mixes and metric names (``val/<name>_<split>_acc``);
+    ``noise`` whether training prompts get the task's noise tokens; ``validate=False`` for a stream
+    that only trains (e.g. ``noisy_text``, whose evaluation prompts are the clean ``text`` ones).
+    """
 
-    def __init__(self, task, batch_size: int = 64, eval_batch_size: int = 256, noise: bool = True) -> None:
+    def __init__(self, task, batch_size: int = 64, eval_batch_size: int = 256, noise: bool = True,
+                 name: str = "text", validate: bool = True) -> None:
         super().__init__()
         self.task, self.batch_size, self.eval_batch_size, self.noise = task, batch_size, eval_batch_size, noise
+        self.modality, self.validate = str(name), bool(validate)
         self.collate = lambda samples: collate_text(samples, task.vocab.pad_id)
         self.train_stream = StepBatches(task, batch_size, self.collate, noise)
-        self.val_names = [f"{self.modality}_{split}" for split in task.splits]
+        self.val_names = [f"{self.modality}_{split}" for split in task.splits] if self.validate else []
 
     def train_batch(self, index: int, noise: bool | None = None) -> dict:
         return self.train_stream.batch(index, noise)
@@ -89,7 +94,7 @@ class TextDataModule(L.LightningDataModule):
         return _loader(self.train_stream)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [_loader(self.eval_batches(split)) for split in self.task.splits]
+        return [_loader(self.eval_batches(split)) for split in self.task.splits] if self.validate else []
 
 
 def to_device(batch, device):

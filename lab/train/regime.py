@@ -26,7 +26,7 @@ class Phase:
     mix: dict[str, float]            # modality -> probability that a step's batch is of it
     max_steps: int
     until: str | None = None         # metric that ends the phase when saturated, or None
-    noise: bool = False              # train text with the task's noise tokens
+    noise: bool | None = None        # override the streams' own noise setting (None: keep it)
     lr: float | None = None          # phase learning rate (default train.lr)
 
     def modality_at(self, seed: int, step: int) -> str:
@@ -79,7 +79,7 @@ def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
                 mix={m: float(w) for m, w in mix.items() if w > 0},
                 max_steps=max_steps,
                 until=until,
-                noise=bool(raw.get("noise", False)),
+                noise=None if raw.get("noise") is None else bool(raw.get("noise")),
                 lr=raw.get("lr"),
             )
         )
