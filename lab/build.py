@@ -214,11 +214,11 @@ def build_training(cfg: DictConfig, run_dir: str | Path = "."):
     if cfg.get("init_from"):
         step = init_from_run(model, cfg.init_from, task)
         log.info("initialised from %s (step %d)", cfg.init_from, step)
-        source = Path(cfg.init_from)
-        if source.is_dir() and int(runs.load_config(source).get("seed", 0)) != int(cfg.get("seed", 0)):
+        source_seed = runs.load_config(cfg.init_from).get("seed", 0) if Path(cfg.init_from).is_dir() else None
+        if source_seed is not None and int(source_seed) != int(cfg.get("seed", 0)):
             log.warning("init_from=%s was trained with seed=%s but this run has seed=%s: the task is seeded by it "
                         "(the few-shot benchmark's rules, for one), so pass seed=%s to fine-tune on the same task",
-                        source, runs.load_config(source).get("seed"), cfg.get("seed"), runs.load_config(source).get("seed"))
+                        cfg.init_from, source_seed, cfg.get("seed"), source_seed)
     streams, primary = build_streams(cfg, task, model, cfg.train.batch_size, cfg.train.eval_batch_size)
     regime = parse_regime(cfg, primary, list(streams))
     if cfg.regime.get("match_steps_of"):

@@ -187,16 +187,15 @@ class FewShotTask:
             tokens += [self.vocab[TOPIC], self.vocab[f"topic_{topic}"]]
         demo_answers, followups, shown_classes = [], [], []
         for _ in range(shots):
-            block, letter = self._block(rng, topic, rule, self._train_questions[topic])
+            block, letter, values = self._block(rng, topic, rule, self._train_questions[topic])
             shown = letter if rng.random() >= demo_noise else int(rng.choice([x for x in range(4) if x != letter]))
             start = len(tokens)
             tokens += block + [self.vocab[LETTERS[shown]]]
             demo_answers.append(start + BLOCK_LEN - 1)
             followups.append((start + BLOCK_LEN - 2, self.vocab[LETTERS[shown]]))
-            shown_value = self.vocab.decode([block[5 + 2 * shown]])[0]
-            shown_classes.append((start + BLOCK_LEN - 1, self.vocab[f"value_{int(shown_value.split('_')[1]) % 4}"]))
+            shown_classes.append((start + BLOCK_LEN - 1, self.vocab[f"value_{values[shown] % 4}"]))
         questions = self._heldout_questions[topic] if heldout else self._train_questions[topic]
-        block, letter = self._block(rng, topic, rule, questions)
+        block, letter, _ = self._block(rng, topic, rule, questions)
         start = len(tokens)
         tokens += block
         followups = followups if self.train_queries > 1 else []
@@ -209,8 +208,9 @@ class FewShotTask:
             intermediate_labels=[(len(tokens) - 1, rule_token)] + [(p, rule_token) for p, _ in followups] + shown_classes,
         )
 
-    def _block(self, rng, topic: int, rule: int, questions) -> tuple[list[int], int]:
-        """``[Q] q q [C] A v B v C v D v [ANS]`` and the index of the letter whose value has class ``rule``."""
+    def _block(self, rng, topic: int, rule: int, questions) -> tuple[list[int], int, list[int]]:
+        """``[Q] q q [C] A v B v C v D v [ANS]``, the index of the letter whose value has class
+        ``rule``, and the four choice values (indices, in letter order)."""
         a, b = questions[int(rng.integers(len(questions)))]
         classes = rng.permutation(4)
         values = [int(c) + 4 * int(rng.integers(self.n_values // 4)) for c in classes]
@@ -218,4 +218,4 @@ class FewShotTask:
         for letter, value in zip(LETTERS, values):
             block += [self.vocab[letter], self.vocab[f"value_{value}"]]
         block.append(self.vocab[ANSWER])
-        return block, int(np.flatnonzero(classes == rule)[0])
+        return block, int(np.flatnonzero(classes == rule)[0]), values

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from lab.data.datamodule import to_device
@@ -144,8 +145,6 @@ def answer_predictions(model: ResidualModel, batches, **run_kwargs) -> tuple[tor
 def final_token_states(model: ResidualModel, batches, layers, labels_of) -> tuple[list, dict]:
     """h_l at each prompt's answer position for ``layers`` ([N, D] float64 numpy arrays, one per
     layer) and ``labels_of(batch)`` (name -> [B] numpy array) concatenated over the batches."""
-    import numpy as np
-
     states, labels = [[] for _ in layers], {}
     for batch in batches:
         out = model.run(batch, capture=layers)

@@ -330,14 +330,15 @@ def overlap_neighbours(labels: Mapping[str, np.ndarray], fraction: float) -> int
 
 # ------------------------------------------------------------------------------------ one layer
 def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_scale=(16, 32), Z: float = 1.6,
-                         halo: bool = True, overlap_fraction: float = 0.3) -> dict:
+                         halo: bool = True, overlap_fraction: float = 0.3, neighbour_search=None) -> dict:
     """All statistics of one point cloud ``X`` [N, D] (rows assumed distinct) and its label sets.
 
     Returns n_points, intrinsic_dim(_error), n_peaks, core_fraction, ari/overlap/overlap_chance
     per label set, and ``timings`` (seconds of each part). Too few points for the neighbour scales
     (N - 1 < max(k, n2)) gives NaN statistics. One neighbour table serves every part: K = the
     most of 100 (ADP), n2 and the overlap's largest k_i, so memory is about N x K x 16 bytes
-    (N = 10,000 with a binary label set: K = 1,500, 240 MB).
+    (N = 10,000 with a binary label set: K = 1,500, 240 MB). ``neighbour_search(X, K)`` replaces
+    :func:`nearest_neighbours` (the benchmark's baseline).
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -363,7 +364,7 @@ def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_sc
         clock = now
 
     K = min(n - 1, max(k, n2, ADP_NEIGHBOURS, overlap_neighbours(labels, overlap_fraction)))
-    distances, neighbours = nearest_neighbours(X, K)
+    distances, neighbours = (neighbour_search or nearest_neighbours)(X, K)
     lap("neighbours")
     out["intrinsic_dim"], out["intrinsic_dim_error"] = gride_id(distances, n1, n2)
     lap("intrinsic_dim")

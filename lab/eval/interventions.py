@@ -73,9 +73,8 @@ class InterventionsEvaluator(Evaluator):
         for split in ctx.choose_splits(self.splits):
             specs, base, counter = ctx.pairs(split, self.n_pairs, seed=self.seed, modality=modality)
             outcome = intervention_outcomes(ctx.model, base, counter, _predictions(specs, base), self.sites)
-            keep = outcome["clean_base_correct"] & outcome["clean_counterfactual_correct"]
-            if not self.only_correct:
-                keep = torch.ones_like(keep)
+            both_correct = outcome["clean_base_correct"] & outcome["clean_counterfactual_correct"]
+            keep = both_correct if self.only_correct else torch.ones_like(both_correct)
             split_result = {
                 "n_pairs": len(specs),
                 "n_used": int(keep.sum()),
@@ -132,28 +131,26 @@ def intervention_outcomes(model: ResidualModel, base, counter, predictions: torc
     if base.tokens.shape != counter.tokens.shape:
         raise LabError("base and counterfactual prompts must have the same length to patch position by position")
     layers = list(range(model.n_layers + 1))
-    clean_base = model.answer_logits(base).argmax(-1)
+    clean_base = model.run(base, positions=base.answer_pos, capture=layers)
     clean_counter = model.run(counter, positions=counter.answer_pos, capture=layers)
-    result = {"clean_base_correct": clean_base == predictions[:, HYPOTHESES.index("no_effect")],
-              "clean_counterfactual_correct": clean_counter.logits.argmax(-1) == predictions[:, HYPOTHESES.index("answer_copy")]}
+    result = {
+        "clean_base_correct": (clean_base.logits.argmax(-1) == predictions[:, HYPOTHESES.index("no_effect")]).cpu(),
+        "clean_counterfactual_correct":
+            (clean_counter.logits.argmax(-1) == predictions[:, HYPOTHESES.index("answer_copy")]).cpu(),
+    }
     for site in sites:
         mask = site_mask(base, site)
         if not torch.equal(mask, site_mask(counter, site)):
             raise LabError(f"site {site!r} is at different positions in the base and counterfactual prompts")
         per_layer = []
         for layer in layers:
-            donor = clean_counter.captured[layer]
-
-            def patch(h, donor=donor):
-                return torch.where(mask[..., None], donor.to(h.dtype), h)
-
-            answer = model.answer_logits(base, edits={layer: patch}).argmax(-1)
+            # B's h_l with C's at the site; blocks below l are unchanged, so the run resumes at l
+            patched = torch.where(mask[..., None], clean_counter.captured[layer], clean_base.captured[layer])
+            answer = model.run(stream=clean_base.stream.with_h(patched), start=layer, positions=base.answer_pos).logits.argmax(-1)
             match = answer[:, None] == predictions
             # Hypotheses predict pairwise different answers, so at most one matches.
             per_layer.append(torch.where(match.any(1), match.float().argmax(1), len(HYPOTHESES)))
         result[site] = torch.stack(per_layer).cpu()
-    result["clean_base_correct"] = result["clean_base_correct"].cpu()
-    result["clean_counterfactual_correct"] = result["clean_counterfactual_correct"].cpu()
     return result
 
 

@@ -44,6 +44,7 @@ class AttentionKnockoutEvaluator(Evaluator):
         self.groups, self.splits, self.modalities = list(groups), splits, modalities
         self.queries, self.level, self.plots = queries, float(level), bool(plots)
 
+    @torch.no_grad()
     def __call__(self, ctx: EvalContext) -> dict:
         model = ctx.model.eval()
         results, rows = {}, []
@@ -52,11 +53,12 @@ class AttentionKnockoutEvaluator(Evaluator):
             for split in ctx.choose_splits(self.splits):
                 batches = list(ctx.batches(split, modality))
                 groups = [g for g in self.groups if g in batches[0].roles]
-                settings = [(layer, [layer]) for layer in range(model.n_layers)] + [("all_layers", None)]
-                hits = {None: _hits(model, batches)}
-                for layer, layers in settings:
+                clean_runs = [model.run(b, positions=b.answer_pos, capture=range(model.n_layers)) for b in batches]
+                settings = [(layer, layer) for layer in range(model.n_layers)] + [("all_layers", None)]
+                hits = {None: torch.cat([(r.logits.argmax(-1) == b.targets).cpu() for b, r in zip(batches, clean_runs)])}
+                for name, layer in settings:
                     for group in groups:
-                        hits[(layer, group)] = _hits(model, batches, group, layers, self.queries)
+                        hits[(name, group)] = _hits(model, batches, clean_runs, group, layer, self.queries)
                 clean = float(hits[None].float().mean())
                 n = len(hits[None])
                 table = {}
@@ -79,19 +81,22 @@ class AttentionKnockoutEvaluator(Evaluator):
 
 
 @torch.no_grad()
-def _hits(model, batches, group: str | None = None, layers=None, queries: str = "final") -> torch.Tensor:
-    """[N] bool: answer correct, with attention to ``group`` removed in ``layers`` (None = all)."""
+def _hits(model, batches, clean_runs, group: str, layer: int | None, queries: str = "final") -> torch.Tensor:
+    """[N] bool: answer correct with attention to ``group`` removed in block ``layer`` (None: in
+    every block). A single-block knockout leaves h_0..h_layer as in the clean run, so the run
+    resumes from the clean h_layer."""
     out = []
-    for batch in batches:
-        kwargs = {}
-        if group is not None:
-            B, T = batch.tokens.shape
-            readers = None
-            if queries == "final":
-                readers = torch.arange(T, device=batch.tokens.device)[None] == batch.answer_pos[:, None]
-            kwargs = {"knockout": knockout_keys(batch.attend, batch.role_mask(group), readers),
-                      "knockout_layers": layers}
-        out.append((model.answer_logits(batch, **kwargs).argmax(-1) == batch.targets).cpu())
+    for batch, clean in zip(batches, clean_runs):
+        readers = None
+        if queries == "final":
+            readers = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None] == batch.answer_pos[:, None]
+        knockout = knockout_keys(batch.attend, batch.role_mask(group), readers)
+        if layer is None:
+            logits = model.run(batch, positions=batch.answer_pos, knockout=knockout).logits
+        else:
+            logits = model.run(stream=clean.stream.with_h(clean.captured[layer]), start=layer, positions=batch.answer_pos,
+                               knockout=knockout, knockout_layers=[layer]).logits
+        out.append((logits.argmax(-1) == batch.targets).cpu())
     return torch.cat(out)
 
 
