@@ -177,9 +177,16 @@ def build_objectives(cfg: DictConfig, model, task) -> dict:
         if getattr(part_class, "needs_intermediate", False) and not getattr(task, "has_intermediate", True):
             log.warning("objective.%s is left out: task %s has no intermediate variable", name, task.name)
             continue
+        option = getattr(part_class, "task_option", None)
+        if option and not getattr(task, option, 0):
+            log.info("objective.%s is left out: task.%s is 0 (nothing for it to train)", name, option)
+            continue
         if getattr(part_class, "needs_images", False) and not uses_images(cfg):
             raise LabError(f"objective.{name} needs image data (modality=image or an image regime)")
         parts[name] = build(node, f"objective {name!r}", model=model, task=task)
+    option_without_part = [o for o in ("one_hop_queries",) if getattr(task, o, 0) and "one_hop" not in parts]
+    if option_without_part:
+        log.warning("task.one_hop_queries > 0 but objective.one_hop is off: the queries lengthen prompts and train nothing")
     if not parts:
         raise LabError("every objective has weight 0; give objective.answer.weight a value > 0")
     if all(part.anneal is not None for part in parts.values()):

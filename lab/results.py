@@ -76,6 +76,9 @@ def training_aids(cfg) -> str:
         aids.append(f"mid@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
     if int(cfg.task.get("train_queries", 1) or 1) > 1:
         aids.append(f"q{cfg.task.train_queries}")
+    one_hop = (cfg.get("objective") or {}).get("one_hop") or {}
+    if int(cfg.task.get("one_hop_queries", 0) or 0) > 0 and one_hop.get("weight", 1.0):
+        aids.append(f"1hop{cfg.task.one_hop_queries}" + ("~anneal" if one_hop.get("anneal") else ""))
     return "+".join(aids) or "none"
 
 

@@ -154,7 +154,7 @@ class ImageRetrieval:
             n = int(rng.integers(lo, hi + 1))
             k = int(rng.integers(self.pool_size))
             out.append(self.sample(rng, self.pool(n)[k], ("pool", n, k)))
-        if getattr(self.task, "train_queries", 1) > 1:  # follow-up queries, as for text training
+        if self.task.followup_len:  # follow-up queries, as for text training
             for sample in out:
                 self.task.add_followups(rng, sample)
         return out
@@ -178,4 +178,4 @@ class ImageRetrieval:
 
 def image_prompt_len(task: RetrievalTask, n_image_tokens: int) -> int:
     """Longest image prompt: [BOS], the image, [CTX_END], the associations, [QUE] c_q, follow-ups."""
-    return 1 + n_image_tokens + 1 + 2 * task.max_objects + 2 + 3 * (getattr(task, "train_queries", 1) - 1)
+    return 1 + n_image_tokens + 1 + 2 * task.max_objects + 2 + task.followup_len

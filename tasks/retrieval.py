@@ -41,6 +41,11 @@ class RetrievalSample:
     # with positions counted in the continued sequence ``tokens + followup_tokens``.
     followup_tokens: list[int] = field(default_factory=list)
     followup_answers: list[tuple[int, int]] = field(default_factory=list)
+    # Training-only one-hop queries (task.one_hop_queries > 0), also continuing the prompt:
+    # ``[CTX_END] c_k`` asks for object k's shape (hop 1), ``[QUE] s_k`` for the item bound to
+    # shape k (hop 2); (position, answer token id) in the continued sequence. Trained by
+    # objective.one_hop, kept apart from the answer loss.
+    one_hop_answers: list[tuple[int, int]] = field(default_factory=list)
     # Token id of the queried object's shape (the intermediate variable of the two hops), and the
     # same for each follow-up query; read only by the optional intermediate-supervision loss.
     query_shape: int = -1
@@ -96,6 +101,7 @@ class RetrievalTask:
         noise_tokens=(0, 0),
         eval_size: int = 512,
         train_queries: int = 1,
+        one_hop_queries: int = 0,
         seed: int = 0,
     ) -> None:
         self.n_colors, self.n_shapes, self.n_items = int(n_colors), int(n_shapes), int(n_items)
@@ -104,6 +110,7 @@ class RetrievalTask:
         self.noise_tokens = _as_range(noise_tokens, "task.noise_tokens")
         self.eval_size, self.seed = int(eval_size), int(seed)
         self.train_queries = int(train_queries)
+        self.one_hop_queries = int(one_hop_queries)
         self._validate()
         self.vocab = object_vocab(self.n_colors, self.n_shapes, self.n_items)
         self._color0 = self.vocab["color_0"]
@@ -134,6 +141,8 @@ class RetrievalTask:
             raise TaskConfigError(f"task.noise_tokens must be >= 0, got {list(self.noise_tokens)}")
         if self.train_queries < 1:
             raise TaskConfigError(f"task.train_queries must be >= 1, got {self.train_queries}")
+        if self.one_hop_queries < 0:
+            raise TaskConfigError(f"task.one_hop_queries must be >= 0 (one-hop queries of each hop), got {self.one_hop_queries}")
         if self.eval_size < 1:
             raise TaskConfigError(f"task.eval_size must be >= 1, got {self.eval_size}")
 
@@ -146,7 +155,13 @@ class RetrievalTask:
     @property
     def max_prompt_len(self) -> int:
         """Longest prompt any split can produce (for sizing positional tables)."""
-        return 4 * self.max_objects + 4 + self.noise_tokens[1] + 3 * (self.train_queries - 1)
+        return 4 * self.max_objects + 4 + self.noise_tokens[1] + self.followup_len
+
+    @property
+    def followup_len(self) -> int:
+        """Most tokens the training-only follow-ups (two-hop and one-hop queries) add to a prompt."""
+        extra = (self.train_queries - 1) + 2 * self.one_hop_queries
+        return 3 * extra
 
     @property
     def max_objects(self) -> int:
@@ -170,27 +185,41 @@ class RetrievalTask:
         rng = np.random.default_rng([self.seed, _STREAM_TRAIN, int(step)])
         lo, hi = self.id_objects
         batch = [self.sample(rng, int(rng.integers(lo, hi + 1)), noise) for _ in range(batch_size)]
-        if self.train_queries > 1:
+        if self.train_queries > 1 or self.one_hop_queries:
             for sample in batch:
                 self.add_followups(rng, sample)
         return batch
 
     def add_followups(self, rng: np.random.Generator, sample: RetrievalSample) -> None:
-        """Extra supervision for training: after the answer, query up to ``train_queries - 1``
-        further objects. The first query (what evaluation asks) is unchanged, and causal models
-        cannot see the follow-ups from it."""
+        """Extra supervision for training, continuing the prompt after its answer: up to
+        ``train_queries - 1`` further two-hop queries ``[QUE] c_k`` (-> item), then
+        ``one_hop_queries`` one-hop queries of each hop, shuffled: ``[CTX_END] c_k`` (-> shape) and
+        ``[QUE] s_k`` (-> item). The first query (what evaluation asks) is unchanged, and causal
+        models cannot see the follow-ups from it."""
         others = [i for i in rng.permutation(sample.n_objects).tolist() if i != sample.query_object]
-        tokens, answers, shapes = [sample.answer], [], []
+        two_hop = [(self.vocab[QUE], self._color0 + sample.colors[o], self._item0 + sample.items[o], o)
+                   for o in others[: self.train_queries - 1]]
+        one_hop = []
+        if self.one_hop_queries:
+            k = self.one_hop_queries
+            for o in rng.permutation(sample.n_objects)[:k].tolist():
+                one_hop.append((self.vocab[CTX_END], self._color0 + sample.colors[o], self._shape0 + sample.shapes[o], None))
+            for o in rng.permutation(sample.n_objects)[:k].tolist():
+                one_hop.append((self.vocab[QUE], self._shape0 + sample.shapes[o], self._item0 + sample.items[o], None))
+            one_hop = [one_hop[i] for i in rng.permutation(len(one_hop))]
+        tokens, answers, shapes, aux = [sample.answer], [], [], []
         position = len(sample.tokens) + 1
-        for obj in others[: self.train_queries - 1]:
-            tokens += [self.vocab[QUE], self._color0 + sample.colors[obj]]
+        for marker, cue, target, obj in two_hop + one_hop:
+            tokens += [marker, cue, target]
             position += 2
-            answers.append((position - 1, self._item0 + sample.items[obj]))
-            shapes.append(self._shape0 + sample.shapes[obj])
-            tokens.append(self._item0 + sample.items[obj])
+            if obj is None:
+                aux.append((position - 1, target))
+            else:
+                answers.append((position - 1, target))
+                shapes.append(self._shape0 + sample.shapes[obj])
             position += 1
         sample.followup_tokens, sample.followup_answers = tokens[:-1], answers
-        sample.followup_shapes = shapes
+        sample.followup_shapes, sample.one_hop_answers = shapes, aux
 
     def eval_set(self, split: str, noise: bool = True) -> list[RetrievalSample]:
         """A fixed evaluation set for a split, balanced over the number of objects."""

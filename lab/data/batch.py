@@ -10,6 +10,8 @@ Optional structure, present when the task provides it:
   ``association_order``, ``query_object`` ([B]) and, for drawn contexts, ``corners`` [B, N, 2];
 - ``mid_labels``: the intermediate variable (the queried object's shape token) at each query
   position, for the intermediate-supervision objective;
+- ``one_hop_labels``: targets of the training-only one-hop queries (``task.one_hop_queries``), for
+  the one-hop objective; kept out of ``labels`` so the answer loss never sees them;
 - ``images`` [B, 3, H, W] or ``image_features`` [B, P, C]: the picture of an image prompt, or its
   encoder features (computed once for a frozen encoder).
 
@@ -39,6 +41,7 @@ class Batch:
     roles: dict[str, Tensor] = field(default_factory=dict)
     objects: dict[str, Tensor] = field(default_factory=dict)
     mid_labels: Tensor | None = None   # [B, T] intermediate-variable token at query positions
+    one_hop_labels: Tensor | None = None  # [B, T] one-hop query targets (training only)
     images: Tensor | None = None
     image_features: Tensor | None = None
 

@@ -14,7 +14,7 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
     Training samples with follow-up queries (``followup_tokens``/``followup_answers``) are
     continued by them, and their answers are labelled too; evaluation reads only ``answer_pos``.
     ``roles`` come from ``sample.roles()``, ``objects`` from ``sample.objects()`` when defined,
-    ``mid_labels`` from ``query_shape``/``followup_shapes`` (or ``intermediate_labels``, (position, token)
+    ``one_hop_labels`` from ``one_hop_answers``, ``mid_labels`` from ``query_shape``/``followup_shapes`` (or ``intermediate_labels``, (position, token)
     pairs) when the task has an intermediate variable.
     """
     sequences = [list(s.tokens) + list(getattr(s, "followup_tokens", [])) for s in samples]
@@ -23,6 +23,7 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
     attend = torch.zeros(B, T, dtype=torch.bool)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mid = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    one_hop = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     for i, (s, seq) in enumerate(zip(samples, sequences)):
         tokens[i, : len(seq)] = torch.tensor(seq)
         attend[i, : len(seq)] = True
@@ -33,6 +34,8 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
         followups = getattr(s, "followup_answers", [])
         for position, answer in followups:
             labels[i, position] = answer
+        for position, token in getattr(s, "one_hop_answers", []):
+            one_hop[i, position] = token
         for position, token in getattr(s, "intermediate_labels", []):
             mid[i, position] = token
         if getattr(s, "query_shape", -1) >= 0:
@@ -59,6 +62,7 @@ def collate_text(samples: Sequence, pad_id: int) -> Batch:
         roles=roles,
         objects=objects,
         mid_labels=mid if bool((mid != IGNORE_INDEX).any()) else None,
+        one_hop_labels=one_hop if bool((one_hop != IGNORE_INDEX).any()) else None,
     )
 
 

@@ -9,7 +9,7 @@ lightning-hydra-template injects ``net`` into a LightningModule. It declares
 - ``weight_at(step)``: its weight at a global step (constant unless it anneals);
 - ``loss(model, batch, out)``: a scalar, from ``out`` (:class:`LabelledRun`).
 
-Parts in this module: :class:`AnswerLoss`. Others: ``lab.train.intermediate.IntermediateSupervision``
+Parts in this module: :class:`AnswerLoss`, :class:`OneHopQueries`. Others: ``lab.train.intermediate.IntermediateSupervision``
 (queried shape at a middle layer) and ``lab.train.grounding.GroundingLoss`` (image tokens <->
 colour/shape tokens).
 """
@@ -57,6 +57,7 @@ class Objective(nn.Module):
     layers: tuple[int, ...] = ()
     needs_images = False        # the builder refuses the part in runs without an image stream
     needs_intermediate = False  # the builder leaves the part out for tasks without an intermediate variable
+    task_option: str | None = None  # a task setting that must be > 0 for the part to act (else it is left out)
 
     def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective") -> None:
         super().__init__()
@@ -113,3 +114,29 @@ class AnswerLoss(Objective):
         if self.followups:
             return F.cross_entropy(out.logits, out.labels)
         return F.cross_entropy(out.answer_logits, batch["targets"])
+
+
+class OneHopQueries(Objective):
+    """Auxiliary one-hop queries: cross-entropy of the training-only one-hop follow-ups that
+    ``task.one_hop_queries = K`` appends to training prompts (K of each hop: ``[CTX_END] c -> s``
+    and ``[QUE] s -> i``), read out from the final layer like any answer.
+
+    Each hop is then supervised on its own, so the model can learn the two lookups before it
+    composes them. A training aid: it adds prompts the evaluated task never shows, but no new
+    tokens, and evaluation asks only the task's own first query. ``anneal`` fades it out (the
+    queries stay in the prompts, untrained).
+    """
+
+    task_option = "one_hop_queries"
+
+    def __init__(self, model=None, task=None, weight: float = 1.0, anneal=None, n_layers: int | None = None) -> None:
+        super().__init__(weight, anneal, "one_hop")
+        self.layers = (model.n_layers if n_layers is None else int(n_layers),)
+
+    def applies(self, batch) -> bool:
+        return batch.get("one_hop_labels") is not None
+
+    def loss(self, model, batch, out: LabelledRun) -> Tensor:
+        labels = batch["one_hop_labels"]
+        valid = labels != IGNORE_INDEX
+        return F.cross_entropy(model.readout(out.captured[self.layers[0]][valid]), labels[valid])
