@@ -154,7 +154,9 @@ def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = Tru
             f"image prompts take up to {longest} tokens ({encoder.n_tokens} image tokens) but model.max_len="
             f"{backbone.max_len}; raise model.max_len or use an encoder with fewer tokens"
         )
-    projector = Projector(encoder.dim, int(backbone.d_model), str(enc.get("projector") or "mlp"))
+    std = enc.get("projector_init_std")
+    projector = Projector(encoder.dim, int(backbone.d_model), str(enc.get("projector") or "mlp"),
+                          out_std=None if std is None else float(std))
     return VisionTextModel(backbone, encoder, projector, task.vocab[IMG], frozen=bool(enc.get("frozen", True)))
 
 

@@ -200,3 +200,17 @@ def test_image_run_end_to_end(tmp_path):
     batch = next(iter(data["image"].eval_batches("id")))
     logits = model.answer_logits(batch)
     assert logits.shape == (len(batch["targets"]), len(task.vocab))
+
+
+def test_projector_init_std_puts_image_tokens_on_the_token_embedding_scale():
+    torch.manual_seed(0)
+    features = torch.randn(4, 36, 128) * 3 + 1
+    default = Projector(128, 64, "mlp")(features).std().item()
+    small = Projector(128, 64, "mlp", out_std=0.02)
+    assert torch.count_nonzero(small.net[-1].bias) == 0
+    scaled = small(features).std().item()
+    assert scaled < default / 2, (scaled, default)
+    linear = Projector(128, 64, "linear", out_std=0.02)
+    assert abs(linear.net.weight.std().item() - 0.02) < 0.002
+    with pytest.raises(EncoderConfigError, match="projector_init_std"):
+        Projector(128, 64, "mlp", out_std=0.0)

@@ -239,18 +239,31 @@ class VisualEncoder(nn.Module):
 
 
 class Projector(nn.Module):
-    """Encoder width -> backbone width: ``linear`` or ``mlp`` (Linear-GELU-Linear), LayerNorm first."""
+    """Encoder width -> backbone width: ``linear`` or ``mlp`` (Linear-GELU-Linear), LayerNorm first.
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int | None = None) -> None:
+    ``out_std``: initialise the output layer with this standard deviation (zero bias), so image
+    tokens start on the scale of the backbone's token embeddings (0.02 there). ``None`` keeps
+    PyTorch's default initialisation (image tokens then start several times longer than text
+    tokens, and grew to ~25x in trained image runs, docs/learning.md).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int | None = None,
+                 out_std: float | None = None) -> None:
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise EncoderConfigError(f"encoder.projector={kind!r} is unknown; choose linear or mlp")
+        if out_std is not None and not out_std > 0:
+            raise EncoderConfigError(f"encoder.projector_init_std must be > 0 or null, got {out_std}")
         self.norm = nn.LayerNorm(in_dim)
         if kind == "linear":
             self.net = nn.Linear(in_dim, out_dim)
         else:
             hidden = hidden or 2 * out_dim
             self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        if out_std is not None:
+            last = self.net if kind == "linear" else self.net[-1]
+            nn.init.normal_(last.weight, std=float(out_std))
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.norm(x))
