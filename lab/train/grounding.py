@@ -36,8 +36,8 @@ class GroundingLoss(Objective):
     needs_images = True  # refused for runs without an image stream
 
     def __init__(self, model, task, weight: float = 1.0, layer: int = 0, object_size: int = 10,
-                 canvas_size: int = 48, anneal=None) -> None:
-        super().__init__(weight, anneal, "grounding")
+                 canvas_size: int = 48, anneal=None, start: int = 0) -> None:
+        super().__init__(weight, anneal, "grounding", start)
         grid = getattr(model, "image_grid", None)
         if grid is None or grid[0] * grid[1] != model.n_image_tokens:
             raise LabError("objective.grounding needs an image run whose encoder has a spatial token grid (e.g. encoder=resnet)")

@@ -7,18 +7,23 @@ target). It hands the model the first hop, which is what lets it compose the two
 
 It is a training aid that changes the science: it tells the model *which* variable to route
 (the shape identity), which favours symbolic binding. ``space=embedding`` scores h against the
-input embeddings instead of the readout. ``anneal`` = [start, end] fades the weight
-linearly to 0 between those global steps, so the aid can form the circuit and then leave.
-Evaluation never sees it.
+input embeddings instead of the readout; ``space=probe`` reads it with the part's own linear
+head (trained with the model, never used at evaluation), so the model's readout is not asked to
+name shapes at a middle layer. ``anneal`` = [start, end] fades the weight linearly to 0 between
+those global steps, so the aid can form the circuit and then leave; ``start`` delays it (weight 0
+before that step). Evaluation never sees it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lab.data.batch import IGNORE_INDEX
 from lab.errors import LabError
 from lab.train.objectives import LabelledRun, Objective
+
+SPACES = ("readout", "embedding", "probe")
 
 
 class IntermediateSupervision(Objective):
@@ -27,16 +32,22 @@ class IntermediateSupervision(Objective):
     needs_intermediate = True  # left out (with a warning) for tasks whose samples have no intermediate variable
 
     def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
-                 space: str = "readout", n_layers: int | None = None) -> None:
-        super().__init__(weight, anneal, "intermediate")
+                 space: str = "readout", n_layers: int | None = None, start: int = 0) -> None:
+        super().__init__(weight, anneal, "intermediate", start)
         n_layers = model.n_layers if n_layers is None else n_layers
         layer = n_layers // 2 if layer is None else layer
         if not 0 <= layer <= n_layers:
             raise LabError(f"objective.intermediate.layer={layer} must lie in 0..{n_layers} (the model's layers)")
-        if space not in ("readout", "embedding"):
-            raise LabError(f"objective.intermediate.space={space!r} is unknown; choose readout or embedding")
+        if space not in SPACES:
+            raise LabError(f"objective.intermediate.space={space!r} is unknown; choose one of {', '.join(SPACES)}")
         self.layer, self.space = int(layer), space
         self.layers = (self.layer,)
+        if space == "probe":
+            embedding = model.token_embedding()
+            if embedding is None:
+                raise LabError("objective.intermediate.space=probe needs a model with token embeddings (to size its head)")
+            vocab_size, d_model = embedding.shape
+            self.probe = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, vocab_size))
 
     def loss(self, model, batch, out: LabelledRun) -> torch.Tensor:
         return self.loss_at(model, batch, out.captured[self.layer])
@@ -56,6 +67,8 @@ class IntermediateSupervision(Objective):
         vector rather than merely decodable as it."""
         if self.space == "readout":
             return model.readout(h)
+        if self.space == "probe":
+            return self.probe(h)
         embedding = model.token_embedding()
         if embedding is None:
             raise LabError("objective.intermediate.space=embedding needs a model with input token embeddings")

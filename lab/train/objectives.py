@@ -59,14 +59,21 @@ class Objective(nn.Module):
     needs_intermediate = False  # the builder leaves the part out for tasks without an intermediate variable
     task_option: str | None = None  # a task setting that must be > 0 for the part to act (else it is left out)
 
-    def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective") -> None:
+    def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective", start: int = 0) -> None:
         super().__init__()
         if weight < 0:
             raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
-        self.weight, self.anneal = float(weight), _anneal(anneal, name)
+        if int(start) < 0:
+            raise LabError(f"objective.{name}.start must be >= 0 (the first step the part acts), got {start}")
+        self.weight, self.anneal, self.start = float(weight), _anneal(anneal, name), int(start)
+        if self.anneal is not None and self.anneal[0] < self.start:
+            raise LabError(f"objective.{name}.anneal={list(self.anneal)} begins before objective.{name}.start={start}")
 
     def weight_at(self, step: int) -> float:
-        """The weight at global step ``step``: constant, or fading linearly to 0 over ``anneal``."""
+        """The weight at global step ``step``: 0 before ``start``, then constant, or fading
+        linearly to 0 over ``anneal``."""
+        if step < self.start:
+            return 0.0
         if self.anneal is None:
             return self.weight
         start, end = self.anneal
@@ -77,8 +84,8 @@ class Objective(nn.Module):
         return self.weight * (end - step) / (end - start)
 
     def fading(self, step: int) -> bool:
-        """True while an annealed part still acts (a phase cannot count as solved then)."""
-        return self.anneal is not None and self.weight_at(step) > 0
+        """True while an annealed part has yet to finish (a phase cannot count as solved then)."""
+        return self.anneal is not None and step < self.anneal[1]
 
     def applies(self, batch) -> bool:
         return True
@@ -106,8 +113,9 @@ class AnswerLoss(Objective):
     ``task.train_queries > 1`` appends to training prompts; ``false`` trains the evaluated query only.
     """
 
-    def __init__(self, model=None, task=None, weight: float = 1.0, followups: bool = True, anneal=None) -> None:
-        super().__init__(weight, anneal, "answer")
+    def __init__(self, model=None, task=None, weight: float = 1.0, followups: bool = True, anneal=None,
+                 start: int = 0) -> None:
+        super().__init__(weight, anneal, "answer", start)
         self.followups = bool(followups)
 
     def loss(self, model, batch, out: LabelledRun) -> Tensor:
@@ -129,8 +137,9 @@ class OneHopQueries(Objective):
 
     task_option = "one_hop_queries"
 
-    def __init__(self, model=None, task=None, weight: float = 1.0, anneal=None, n_layers: int | None = None) -> None:
-        super().__init__(weight, anneal, "one_hop")
+    def __init__(self, model=None, task=None, weight: float = 1.0, anneal=None, n_layers: int | None = None,
+                 start: int = 0) -> None:
+        super().__init__(weight, anneal, "one_hop", start)
         self.layers = (model.n_layers if n_layers is None else int(n_layers),)
 
     def applies(self, batch) -> bool:
