@@ -83,17 +83,42 @@ def test_intermediate_weight_anneals_linearly_to_zero():
     assert IntermediateSupervision(layer=2, weight=0.5, n_layers=4).weight_at(10**6) == 0.5
 
 
+def test_a_delayed_part_starts_at_its_step_and_counts_as_unfinished_until_its_anneal_ends():
+    late = IntermediateSupervision(layer=2, weight=1.0, n_layers=4, start=200, anneal=[400, 600])
+    assert [late.weight_at(s) for s in (0, 199, 200, 400, 500, 600)] == [0.0, 0.0, 1.0, 1.0, 0.5, 0.0]
+    assert late.fading(0) and late.fading(599) and not late.fading(600)
+    assert not IntermediateSupervision(layer=2, n_layers=4, start=200).fading(0)  # no anneal: never fades
+
+
+def test_intermediate_probe_space_trains_its_own_head_and_leaves_the_readout_alone():
+    torch.manual_seed(0)
+    task = RetrievalTask(seed=0)
+    batch = collate_text(task.train_batch(0, 8), task.vocab.pad_id)
+    model = Backbone(len(task.vocab), n_layers=2, d_model=16, n_heads=2, d_ff=32)
+    part = IntermediateSupervision(model=model, layer=1, space="probe")
+    h = model.run(batch, capture=[1]).captured[1]
+    loss = part.loss_at(model, batch, h)
+    valid = batch.mid_labels != -100
+    torch.testing.assert_close(loss, F.cross_entropy(part.probe(h[valid]), batch.mid_labels[valid]))
+    loss.backward()
+    assert model.head.weight.grad is None or not model.head.weight.grad.any()  # the readout is not asked
+    assert part.probe[1].weight.grad.abs().sum() > 0 and model.tok_emb.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("objective.intermediate.layer=7", r"objective\.intermediate\.layer=7 must lie in 0\.\.2"),
         ("objective.intermediate.anneal=[50,10]", r"needs 0 <= start <= end"),
         ("objective.intermediate.anneal=soon", r"must be null or \[start, end\]"),
+        ("objective.intermediate.space=lens", r"space='lens' is unknown"),
+        ("objective.intermediate.start=-5", r"start must be >= 0"),
+        ("objective.intermediate.start=500 objective.intermediate.anneal=[100,300]", r"begins before"),
     ],
 )
 def test_bad_intermediate_settings_are_refused(tmp_path, override, message):
     with pytest.raises(LabError, match=message):
-        train(tiny_cfg("objective.intermediate.weight=1", override), tmp_path / "run")
+        train(tiny_cfg("objective.intermediate.weight=1", *override.split()), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
