@@ -171,6 +171,7 @@ def build_objectives(cfg: DictConfig, model, task) -> dict:
         if weight is None or float(weight) < 0:
             raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
         if float(weight) == 0:
+            _warn_unused_task_option(name, node, task)
             continue
         try:
             part_class = get_class(str(node.get("_target_")))
@@ -186,9 +187,6 @@ def build_objectives(cfg: DictConfig, model, task) -> dict:
         if getattr(part_class, "needs_images", False) and not uses_images(cfg):
             raise LabError(f"objective.{name} needs image data (modality=image or an image regime)")
         parts[name] = build(node, f"objective {name!r}", model=model, task=task)
-    option_without_part = [o for o in ("one_hop_queries",) if getattr(task, o, 0) and "one_hop" not in parts]
-    if option_without_part:
-        log.warning("task.one_hop_queries > 0 but objective.one_hop is off: the queries lengthen prompts and train nothing")
     if not parts:
         raise LabError("every objective has weight 0; give objective.answer.weight a value > 0")
     if all(part.anneal is not None for part in parts.values()):
@@ -196,6 +194,16 @@ def build_objectives(cfg: DictConfig, model, task) -> dict:
         raise LabError(f"every objective fades out (by step {end}), so training would stop learning there; "
                        "give objective.answer.weight a value > 0 (without anneal)")
     return parts
+
+
+def _warn_unused_task_option(name: str, node, task) -> None:
+    """A part that is off while the task setting it trains is on: that setting lengthens prompts for nothing."""
+    try:
+        option = getattr(get_class(str(node.get("_target_"))), "task_option", None)
+    except Exception:  # noqa: BLE001 - a part that is off is never built, so a wrong _target_ does not matter
+        return
+    if option and getattr(task, option, 0):
+        log.warning("task.%s > 0 but objective.%s is off: the queries lengthen prompts and train nothing", option, name)
 
 
 # ----------------------------------------------------------------------------------- training

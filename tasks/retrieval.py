@@ -160,8 +160,7 @@ class RetrievalTask:
     @property
     def followup_len(self) -> int:
         """Most tokens the training-only follow-ups (two-hop and one-hop queries) add to a prompt."""
-        extra = (self.train_queries - 1) + 2 * self.one_hop_queries
-        return 3 * extra
+        return 3 * (self.train_queries - 1 + 2 * self.one_hop_queries)
 
     @property
     def max_objects(self) -> int:

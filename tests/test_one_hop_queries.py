@@ -100,11 +100,11 @@ def test_one_hop_queries_teach_the_first_hop(tmp_path):
         train(tiny_cfg(*overrides, "model.token_shift=true", "train.max_steps=400", "train.lr=5e-3",
                        "train.val_every=100"), run_dir)
         _, task, model, _ = load_trained(run_dir, "last")
-        probe = RetrievalTask(**{**dict(n_colors=8, n_shapes=8, n_items=8, id_objects=[2, 3], ood_objects=[4, 5]),
-                                 "one_hop_queries": 3, "seed": 99})
+        probe = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=[2, 3], ood_objects=[4, 5],
+                              one_hop_queries=3, seed=99)
         samples = probe.train_batch(0, 128)
         batch = collate_text(samples, probe.vocab.pad_id)
-        first_hop = torch.tensor([[s.tokens + s.followup_tokens][0][p - 1] == probe.vocab["[CTX_END]"]
+        first_hop = torch.tensor([(s.tokens + s.followup_tokens)[p - 1] == probe.vocab["[CTX_END]"]
                                   for s in samples for p, _ in s.one_hop_answers])
         with torch.no_grad():
             logits = model(batch)[batch.one_hop_labels != IGNORE_INDEX]

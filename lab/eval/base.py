@@ -58,6 +58,11 @@ class EvalContext:
             raise LabError(f"unknown modality(ies) {unknown}; the context has {self.modalities}")
         return chosen
 
+    def stream_splits(self, modalities=None, splits=None) -> list[tuple[str, str]]:
+        """Every (modality, split) an evaluator should cover, both checked as in the two methods above."""
+        splits = self.choose_splits(splits)
+        return [(modality, split) for modality in self.choose_modalities(modalities) for split in splits]
+
     def pairs(self, split: str, n: int, seed: int = 0, modality: str = "text", **options):
         """Paired (base, counterfactual) batches drawn by the task (``task.counterfactual_pairs``),
         collated like the context's other batches and on its device; with the pair specs."""

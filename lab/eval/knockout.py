@@ -48,30 +48,28 @@ class AttentionKnockoutEvaluator(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict:
         model = ctx.model.eval()
         results, rows = {}, []
-        for modality in ctx.choose_modalities(self.modalities):
-            results[modality] = {}
-            for split in ctx.choose_splits(self.splits):
-                batches = list(ctx.batches(split, modality))
-                groups = [g for g in self.groups if g in batches[0].roles]
-                clean_runs = [model.run(b, positions=b.answer_pos, capture=range(model.n_layers)) for b in batches]
-                settings = [(layer, layer) for layer in range(model.n_layers)] + [("all_layers", None)]
-                hits = {None: torch.cat([(r.logits.argmax(-1) == b.targets).cpu() for b, r in zip(batches, clean_runs)])}
-                for name, layer in settings:
-                    for group in groups:
-                        hits[(name, group)] = _hits(model, batches, clean_runs, group, layer, self.queries)
-                clean = float(hits[None].float().mean())
-                n = len(hits[None])
-                table = {}
-                for layer, _ in settings:
-                    table[str(layer)] = {}
-                    for group in groups:
-                        k = int(hits[(layer, group)].sum())
-                        entry = {"accuracy": k / n, "drop": clean - k / n, "ci": list(wilson_interval(k, n, self.level))}
-                        table[str(layer)][group] = entry
-                        rows.append({"modality": modality, "split": split, "layer": layer, "group": group,
-                                     "accuracy": entry["accuracy"], "drop": entry["drop"],
-                                     "ci_low": entry["ci"][0], "ci_high": entry["ci"][1]})
-                results[modality][split] = {"accuracy": clean, "n": n, "groups": groups, "layers": table}
+        for modality, split in ctx.stream_splits(self.modalities, self.splits):
+            batches = list(ctx.batches(split, modality))
+            groups = [g for g in self.groups if g in batches[0].roles]
+            clean_runs = [model.run(b, positions=b.answer_pos, capture=range(model.n_layers)) for b in batches]
+            settings = [(layer, layer) for layer in range(model.n_layers)] + [("all_layers", None)]
+            hits = {None: torch.cat([(r.logits.argmax(-1) == b.targets).cpu() for b, r in zip(batches, clean_runs)])}
+            for name, layer in settings:
+                for group in groups:
+                    hits[(name, group)] = _hits(model, batches, clean_runs, group, layer, self.queries)
+            clean = float(hits[None].float().mean())
+            n = len(hits[None])
+            table = {}
+            for layer, _ in settings:
+                table[str(layer)] = {}
+                for group in groups:
+                    k = int(hits[(layer, group)].sum())
+                    entry = {"accuracy": k / n, "drop": clean - k / n, "ci": list(wilson_interval(k, n, self.level))}
+                    table[str(layer)][group] = entry
+                    rows.append({"modality": modality, "split": split, "layer": layer, "group": group,
+                                 "accuracy": entry["accuracy"], "drop": entry["drop"],
+                                 "ci_low": entry["ci"][0], "ci_high": entry["ci"][1]})
+            results.setdefault(modality, {})[split] = {"accuracy": clean, "n": n, "groups": groups, "layers": table}
         payload = {"queries": self.queries, "level": self.level, "results": results}
         ctx.write_json(self.name, payload)
         ctx.write_csv(self.name, rows)

@@ -139,27 +139,25 @@ class LayerRelevanceEvaluator(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict:
         ctx.model.eval()
         results, rows = {}, []
-        for modality in ctx.choose_modalities(self.modalities):
-            results[modality] = {}
-            for split in ctx.choose_splits(self.splits):
-                calib, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
-                res = score_split(
-                    ctx.model, calib, evaluation,
-                    chance_accuracy(ctx.task, split, mask, True), chance_accuracy(ctx.task, split, mask, False),
-                    self.operators, self.angular_n, self.n_boot, self.seed, self.heldout,
-                )
-                results[modality][split] = res
-                rows += _rows(modality, split, res)
-                for op, entry in res["operators"].items():
-                    ctx.log_scalars(f"layer_relevance/{modality}_{split}_{op}", {
-                        f"{score}_{kind}": entry["correlations"][score]["vs_relevance"][kind]["r"]
-                        for score in SIMILARITY_SCORES for kind in ("pearson", "spearman", "kendall")
-                    })
-                    if self.plots:
-                        ctx.save_figure(f"{self.name}_{modality}_{split}_{op}",
-                                        plots.relevance_figure(res, op, f"{modality} / {split} / {op}"))
-                log.info("layer relevance %s/%s: full accuracy %.3f (chance %.3f)", modality, split,
-                         res["full"]["accuracy"], res["chance"])
+        for modality, split in ctx.stream_splits(self.modalities, self.splits):
+            calib, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
+            res = score_split(
+                ctx.model, calib, evaluation,
+                chance_accuracy(ctx.task, split, mask, True), chance_accuracy(ctx.task, split, mask, False),
+                self.operators, self.angular_n, self.n_boot, self.seed, self.heldout,
+            )
+            results.setdefault(modality, {})[split] = res
+            rows += _rows(modality, split, res)
+            for op, entry in res["operators"].items():
+                ctx.log_scalars(f"layer_relevance/{modality}_{split}_{op}", {
+                    f"{score}_{kind}": entry["correlations"][score]["vs_relevance"][kind]["r"]
+                    for score in SIMILARITY_SCORES for kind in ("pearson", "spearman", "kendall")
+                })
+                if self.plots:
+                    ctx.save_figure(f"{self.name}_{modality}_{split}_{op}",
+                                    plots.relevance_figure(res, op, f"{modality} / {split} / {op}"))
+            log.info("layer relevance %s/%s: full accuracy %.3f (chance %.3f)", modality, split,
+                     res["full"]["accuracy"], res["chance"])
         config = {"operators": self.operators, "angular_n": self.angular_n,
                   "calibration_fraction": self.calibration_fraction, "n_boot": self.n_boot, "seed": self.seed}
         ctx.write_json(self.name, json_clean({"config": config, "results": results}))

@@ -43,20 +43,18 @@ class ProbesEvaluator(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict:
         ctx.model.eval()
         results, rows = {}, []
-        for modality in ctx.choose_modalities(self.modalities):
-            results[modality] = {}
-            for split in ctx.choose_splits(self.splits):
-                layers = list(range(ctx.model.n_layers + 1))
-                states, labels = final_token_states(ctx.model, ctx.batches(split, modality), layers, probe_labels)
-                per_target = {}
-                for target in self.targets:
-                    curve = [probe_accuracy(states[layer], labels[target], self.test_fraction, self.regularization,
-                                            self.max_iter, self.seed) for layer in range(len(states))]
-                    per_target[target] = {"accuracy": [c["accuracy"] for c in curve], "chance": curve[0]["chance"],
-                                          "n_classes": curve[0]["n_classes"], "n_test": curve[0]["n_test"]}
-                    rows += [{"modality": modality, "split": split, "target": target, "layer": layer, **c}
-                             for layer, c in enumerate(curve)]
-                results[modality][split] = per_target
+        for modality, split in ctx.stream_splits(self.modalities, self.splits):
+            layers = list(range(ctx.model.n_layers + 1))
+            states, labels = final_token_states(ctx.model, ctx.batches(split, modality), layers, probe_labels)
+            per_target = {}
+            for target in self.targets:
+                curve = [probe_accuracy(states[layer], labels[target], self.test_fraction, self.regularization,
+                                        self.max_iter, self.seed) for layer in range(len(states))]
+                per_target[target] = {"accuracy": [c["accuracy"] for c in curve], "chance": curve[0]["chance"],
+                                      "n_classes": curve[0]["n_classes"], "n_test": curve[0]["n_test"]}
+                rows += [{"modality": modality, "split": split, "target": target, "layer": layer, **c}
+                         for layer, c in enumerate(curve)]
+            results.setdefault(modality, {})[split] = per_target
         payload = {"test_fraction": self.test_fraction, "regularization": self.regularization, "seed": self.seed,
                    "results": results}
         ctx.write_json(self.name, payload)
