@@ -105,6 +105,17 @@ def test_intermediate_probe_space_trains_its_own_head_and_leaves_the_readout_alo
     assert part.probe[1].weight.grad.abs().sum() > 0 and model.tok_emb.weight.grad.abs().sum() > 0
 
 
+def test_a_part_acts_only_on_the_batches_it_names():
+    import dataclasses
+
+    task = RetrievalTask(seed=0)
+    text = collate_text(task.train_batch(0, 2), task.vocab.pad_id)
+    image = dataclasses.replace(text, image_features=torch.zeros(2, 4, 8))
+    acts = {kind: IntermediateSupervision(layer=1, n_layers=2, batches=kind) for kind in ("all", "text", "image")}
+    assert [acts[k].applies(text) for k in acts] == [True, True, False]
+    assert [acts[k].applies(image) for k in acts] == [True, False, True]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -113,6 +124,7 @@ def test_intermediate_probe_space_trains_its_own_head_and_leaves_the_readout_alo
         ("objective.intermediate.anneal=soon", r"must be null or \[start, end\]"),
         ("objective.intermediate.space=lens", r"space='lens' is unknown"),
         ("objective.intermediate.start=-5", r"start must be >= 0"),
+        ("objective.intermediate.batches=audio", r"batches='audio' is unknown"),
         ("objective.intermediate.start=500 objective.intermediate.anneal=[100,300]", r"begins before"),
     ],
 )

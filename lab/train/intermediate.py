@@ -32,8 +32,9 @@ class IntermediateSupervision(Objective):
     needs_intermediate = True  # left out (with a warning) for tasks whose samples have no intermediate variable
 
     def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
-                 space: str = "readout", n_layers: int | None = None, start: int = 0) -> None:
-        super().__init__(weight, anneal, "intermediate", start)
+                 space: str = "readout", n_layers: int | None = None, start: int = 0,
+                 batches: str = "all") -> None:
+        super().__init__(weight, anneal, "intermediate", start, batches)
         n_layers = model.n_layers if n_layers is None else n_layers
         layer = n_layers // 2 if layer is None else layer
         if not 0 <= layer <= n_layers:

@@ -51,6 +51,9 @@ def labelled_run(model, batch, capture=()) -> LabelledRun:
     return LabelledRun(out.logits, batch["labels"][mask], mask, first, out.captured)
 
 
+BATCH_KINDS = ("all", "text", "image")  # which training batches a part acts on
+
+
 class Objective(nn.Module):
     """Base of objective parts: a weight (optionally faded out) and a loss."""
 
@@ -59,10 +62,14 @@ class Objective(nn.Module):
     needs_intermediate = False  # the builder leaves the part out for tasks without an intermediate variable
     task_option: str | None = None  # a task setting that must be > 0 for the part to act (else it is left out)
 
-    def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective", start: int = 0) -> None:
+    def __init__(self, weight: float = 1.0, anneal=None, name: str = "objective", start: int = 0,
+                 batches: str = "all") -> None:
         super().__init__()
         if weight < 0:
             raise LabError(f"objective.{name}.weight must be >= 0, got {weight}")
+        if batches not in BATCH_KINDS:
+            raise LabError(f"objective.{name}.batches={batches!r} is unknown; choose one of {', '.join(BATCH_KINDS)}")
+        self.batches = batches
         if int(start) < 0:
             raise LabError(f"objective.{name}.start must be >= 0 (the first step the part acts), got {start}")
         self.weight, self.anneal, self.start = float(weight), _anneal(anneal, name), int(start)
@@ -88,7 +95,13 @@ class Objective(nn.Module):
         return self.anneal is not None and step < self.anneal[1]
 
     def applies(self, batch) -> bool:
-        return True
+        return self.acts_on(batch)
+
+    def acts_on(self, batch) -> bool:
+        """Whether ``batch`` is of the kind ``batches`` names (all | text | image prompts)."""
+        if self.batches == "all":
+            return True
+        return batch.has_image == (self.batches == "image")
 
     def loss(self, model, batch, out: LabelledRun) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -114,8 +127,8 @@ class AnswerLoss(Objective):
     """
 
     def __init__(self, model=None, task=None, weight: float = 1.0, followups: bool = True, anneal=None,
-                 start: int = 0) -> None:
-        super().__init__(weight, anneal, "answer", start)
+                 start: int = 0, batches: str = "all") -> None:
+        super().__init__(weight, anneal, "answer", start, batches)
         self.followups = bool(followups)
 
     def loss(self, model, batch, out: LabelledRun) -> Tensor:
@@ -138,12 +151,12 @@ class OneHopQueries(Objective):
     task_option = "one_hop_queries"
 
     def __init__(self, model=None, task=None, weight: float = 1.0, anneal=None, n_layers: int | None = None,
-                 start: int = 0) -> None:
-        super().__init__(weight, anneal, "one_hop", start)
+                 start: int = 0, batches: str = "all") -> None:
+        super().__init__(weight, anneal, "one_hop", start, batches)
         self.layers = (model.n_layers if n_layers is None else int(n_layers),)
 
     def applies(self, batch) -> bool:
-        return batch.get("one_hop_labels") is not None
+        return batch.get("one_hop_labels") is not None and self.acts_on(batch)
 
     def loss(self, model, batch, out: LabelledRun) -> Tensor:
         labels = batch["one_hop_labels"]
