@@ -143,6 +143,15 @@ def test_step_matched_control_refuses_a_run_still_in_progress(tmp_path):
         compose(tiny_cfg("regime=text_control", f"regime.match_steps_of={reference}"))
 
 
+@pytest.mark.parametrize("regime, text_stream", [("image_text", "text"), ("noise_image_text", "noisy_text")])
+def test_image_phase_keeps_text_unless_told_otherwise(regime, text_stream):
+    streams = ["text", "noisy_text", "image"]
+    mixes = lambda *extra: [p.mix for p in parse_regime(tiny_cfg(f"regime={regime}", *extra), "text", streams).phases]
+    assert mixes()[1] == {"image": 1.0, text_stream: 1.0}                  # default: half the steps are text
+    assert mixes("regime.keep_text=0.25")[1] == {"image": 1.0, text_stream: 0.25}
+    assert mixes("regime.keep_text=0")[1] == {"image": 1.0}                # the paper's image-only phase
+
+
 @pytest.mark.slow
 def test_image_text_curriculum_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
@@ -159,7 +168,7 @@ def test_image_text_curriculum_end_to_end(tmp_path):
     metrics = train(cfg, run_dir, extra_callbacks=[Spy()])
     got = phases(run_dir)
     assert [p["name"] for p in got] == ["text", "image", "mix"]
-    assert kinds[:10] == ["text"] * 10 and kinds[10:20] == ["image"] * 10
+    assert kinds[:10] == ["text"] * 10 and "image" in kinds[10:20]  # the image phase keeps text (keep_text)
     assert set(kinds[20:]) == {"text", "image"}
     for record in got:  # every phase validates text and image, ID and OOD
         assert {"val/text_id_acc", "val/text_ood_acc", "val/image_id_acc", "val/image_ood_acc"} <= set(record)
