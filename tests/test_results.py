@@ -58,5 +58,8 @@ def test_relevance_table_reads_the_evaluator_outputs(tmp_path):
     rows = ["modality,operator,criterion,mode,calibration_split,eval_split,n_removed,removed_block,accuracy,loss,chance",
             "text,skip,accuracy,iterative,id,id,0,,1.0,0.1,0.25", "text,skip,accuracy,iterative,id,id,1,2,0.9,0.2,0.25",
             "text,skip,accuracy,iterative,id,id,2,0,0.5,0.9,0.25", "text,skip,accuracy,iterative,id,id,3,1,0.3,1.2,0.25"]
+    rows += [r.replace("text,", "image,").replace(",0.9,", ",0.7,") for r in rows[1:]]  # a second stream, kept apart
     (tmp_path / "eval" / "pruning.csv").write_text("\n".join(rows) + "\n")
-    assert "| accuracy | iterative | id | 1.000 / 0.900 / 0.500 | ['2', '0', '1'] |" in pruning_markdown(str(tmp_path))
+    table = pruning_markdown(str(tmp_path))
+    assert "| text | accuracy | iterative | id | 1.000 / 0.900 / 0.500 | ['2', '0', '1'] |" in table
+    assert "| image | accuracy | iterative | id | 1.000 / 0.700 / 0.500 | ['2', '0', '1'] |" in table

@@ -46,17 +46,18 @@ def pruning_markdown(run: str) -> str:
     rows = list(csv.DictReader(open(f"{run}/eval/pruning.csv")))
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["criterion"], r["mode"], r["eval_split"])].append(r)
+        groups[(r.get("modality", "text"), r["criterion"], r["mode"], r["eval_split"])].append(r)
     n_blocks = max(int(r["n_removed"]) for r in rows) + 1
     picks = [0, round(n_blocks * 0.25), round(n_blocks * 0.5)]
-    out = ["\n| criterion | mode | split | accuracy after removing 0/25/50% of blocks | removal order |", "|---|---|---|---|---|"]
-    for (criterion, mode, split), rs in groups.items():
+    out = ["\n| modality | criterion | mode | split | accuracy after removing 0/25/50% of blocks | removal order |",
+           "|---|---|---|---|---|---|"]
+    for (modality, criterion, mode, split), rs in groups.items():
         by = defaultdict(list)
         for r in rs:
             by[int(r["n_removed"])].append(float(r["accuracy"]))
         accs = " / ".join(f"{sum(by[k]) / len(by[k]):.3f}" if k in by else "-" for k in picks)
         order = [r["removed_block"] for r in sorted(rs, key=lambda r: int(r["n_removed"])) if r["removed_block"]]
-        out.append(f"| {criterion} | {mode} | {split} | {accs} | {'random' if criterion == 'random' else order} |")
+        out.append(f"| {modality} | {criterion} | {mode} | {split} | {accs} | {'random' if criterion == 'random' else order} |")
     return "\n".join(out) + "\n"
 
 
