@@ -66,14 +66,15 @@ def intermediate_settings(cfg) -> dict:
 
 
 def training_aids(cfg) -> str:
-    """The learning aids a run used (docs/learning.md), e.g. ``shift+mid@2+q4``; ``none`` for the
-    paper's plain recipe."""
+    """The learning aids a run used (docs/learning.md), e.g. ``shift+mid@2+q4`` or, for images alone,
+    ``shift+midx0.3@middle+q4+1hop4`` (intermediate weight when not 1); ``none`` for the paper's plain recipe."""
     aids = []
     if cfg.model.get("token_shift"):
         aids.append("shift")
     mid = intermediate_settings(cfg)
     if mid.get("weight"):
-        aids.append(f"mid@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
+        weight = "" if float(mid["weight"]) == 1.0 else f"x{float(mid['weight']):g}"  # e.g. midx0.3@middle
+        aids.append(f"mid{weight}@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
     if int(cfg.task.get("train_queries", 1) or 1) > 1:
         aids.append(f"q{cfg.task.train_queries}")
     one_hop = (cfg.get("objective") or {}).get("one_hop") or {}

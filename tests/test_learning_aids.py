@@ -203,6 +203,32 @@ def test_resume_of_a_mistyped_path_creates_nothing(tmp_path):
     assert not typo.exists()
 
 
+# ------------------------------------------------------------------------ recipe per modality
+@pytest.mark.parametrize("overrides, image_aids", [
+    ([], False),                                   # text: the recipe as it is
+    (["modality=image"], True),                    # images alone: conf/recipe_by_modality/fast_image.yaml
+    (["experiment=image_only"], True),
+    (["modality=image", "recipe=plain"], False),   # the paper's recipe stays plain for images too
+    (["experiment=image_text"], False),            # regimes name their streams; the text recipe applies
+])
+def test_the_fast_recipe_has_its_own_settings_for_images_alone(overrides, image_aids):
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("train", overrides)
+    assert (int(cfg.task.one_hop_queries) == 4) == image_aids
+    assert (cfg.encoder.projector_init_std == 0.02) == image_aids
+    if image_aids:
+        assert cfg.objective.intermediate.weight == 0.3 and cfg.objective.intermediate.anneal is None
+        assert cfg.model.token_shift and cfg.task.train_queries == 4  # the rest of recipe=fast is kept
+
+
+def test_command_line_overrides_beat_the_image_recipe():
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["modality=image", "objective.intermediate.weight=1.0", "task.one_hop_queries=0"])
+    assert cfg.objective.intermediate.weight == 1.0 and cfg.task.one_hop_queries == 0
+
+
 # ------------------------------------------------------------------------------ convergence
 @pytest.mark.slow
 def test_default_recipe_leaves_the_plateau(tmp_path):
