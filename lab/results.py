@@ -5,7 +5,7 @@ encoder and set of training aids.
 finds every run directory (a folder with config.yaml and metrics.json) below the given paths.
 ``--figure <png>`` plots OOD accuracy per number of objects (one line per group, mean over seeds
 with a 95% CI band); ``--compare a:b`` adds Welch's t-test of group ``a`` vs group ``b`` (regime
-names) on every metric. ``--binding`` adds the binding-mechanism table built from each run's
+names, or ``regime@encoder`` / ``regime@aids`` where a regime has several) on every metric. ``--binding`` adds the binding-mechanism table built from each run's
 ``eval/interventions.json``, ``eval/probes.json`` and ``eval/knockout.json`` (see docs/binding.md).
 ``--density LABEL=RUN[:SPLIT] ... --density-figure <png>`` draws the density-peak profiles of chosen
 runs and splits side by side (e.g. ICL at 0/1/2/5 shots vs SFT; docs/fewshot.md).
@@ -124,12 +124,29 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_group(records: list[dict], spec: str) -> list[dict]:
+    """The runs of one group: ``regime``, or ``regime@key`` where key is an encoder or an aids string
+    (``image_text@resnet18``, ``text_only@none``). A name that matches runs of several encoders or
+    aid sets is refused: pooling them would mix different experiments in one test."""
+    regime, _, key = spec.partition("@")
+    runs = [r for r in records if r["regime"] == regime and (not key or key in (r["encoder"], r["aids"]))]
+    groups = sorted({(r["encoder"], r["aids"]) for r in runs})
+    if not runs:
+        known = sorted({r["regime"] for r in records})
+        raise LabError(f"--compare: no runs of {spec!r}; regimes found: {', '.join(known)}")
+    if len(groups) > 1:
+        names = ", ".join(f"{regime}@{aids if encoder == '-' else encoder}" for encoder, aids in groups)
+        raise LabError(f"--compare: {spec!r} matches runs of several encoders or aid sets; name one of: {names}")
+    return runs
+
+
 def compare(records: list[dict], a: str, b: str) -> str:
-    """Welch's t-test of regime ``a`` against regime ``b`` on every metric both have."""
+    """Welch's t-test of group ``a`` against group ``b`` (see ``select_group``) on every metric both have."""
+    runs_a, runs_b = select_group(records, a), select_group(records, b)
     lines = [f"\n**{a} vs {b}** (Welch's t-test over seeds)\n", "| metric | mean a - mean b | t | p | seeds a / b |", "|---|---|---|---|---|"]
     for m in METRICS:
-        va = [r[m] for r in records if r["regime"] == a and r[m] is not None]
-        vb = [r[m] for r in records if r["regime"] == b and r[m] is not None]
+        va = [r[m] for r in runs_a if r[m] is not None]
+        vb = [r[m] for r in runs_b if r[m] is not None]
         if len(va) < 2 or len(vb) < 2:
             continue
         t, p = stats.ttest_ind(va, vb, equal_var=False)
@@ -253,7 +270,7 @@ def main(argv=None) -> None:
     parser.add_argument("paths", nargs="*", help="run directories or folders holding them")
     parser.add_argument("--out", help="write the markdown table here (and a .csv of every run beside it)")
     parser.add_argument("--figure", help="write the OOD-accuracy-per-object-count plot here (PNG)")
-    parser.add_argument("--compare", action="append", default=[], help="regime_a:regime_b, Welch's t-test (repeatable)")
+    parser.add_argument("--compare", action="append", default=[], help="a:b, Welch's t-test of two groups: regime, or regime@encoder / regime@aids when a regime has several (repeatable)")
     parser.add_argument("--binding", action="store_true",
                         help="add the binding-mechanism table (runs evaluated with interventions, probes, knockout)")
     parser.add_argument("--density", action="append", default=[], metavar="LABEL=RUN[:SPLIT]",

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from conftest import tiny_cfg
+from lab.errors import LabError
 from lab.results import aggregate, compare, find_runs, main, run_record, training_aids
 
 
@@ -40,8 +41,22 @@ def test_groups_means_intervals_and_welch_test(tmp_path):
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
     assert f"{p:.3g}" in compare(plain, "text_only", "noise_text")
     out, figure = tmp_path / "t.md", tmp_path / "f.png"
-    main([str(tmp_path), "--out", str(out), "--figure", str(figure), "--compare", "text_only:noise_text"])
+    main([str(tmp_path), "--out", str(out), "--figure", str(figure), "--compare", "text_only@none:noise_text"])
     assert "shift+q4" in out.read_text() and figure.stat().st_size > 1000
+    assert "**text_only@none vs noise_text**" in out.read_text()
+
+
+def test_compare_refuses_to_pool_groups_of_different_aids_or_encoders(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path, f"t{seed}", "text_only", seed, 0.5)
+        fake_run(tmp_path, f"a{seed}", "text_only", seed, 0.9, aids=("model.token_shift=true",))
+        fake_run(tmp_path, f"n{seed}", "noise_text", seed, 0.3)
+    records = [run_record(r) for r in find_runs([str(tmp_path)])]
+    with pytest.raises(LabError, match=r"'text_only' matches runs of several .* name one of: text_only@none, text_only@shift"):
+        compare(records, "text_only", "noise_text")
+    with pytest.raises(LabError, match="no runs of 'image_text'"):
+        compare(records, "image_text", "noise_text")
+    assert "| val/text_ood_acc | +60.0 |" in compare(records, "text_only@shift", "noise_text")
 
 
 def test_training_aids_are_named_from_the_config():
