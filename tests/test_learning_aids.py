@@ -217,6 +217,7 @@ def test_the_fast_recipe_has_its_own_settings_for_images_alone(overrides, image_
     cfg = compose_cfg("train", overrides)
     assert (int(cfg.task.one_hop_queries) == 4) == image_aids
     assert (cfg.encoder.projector_init_std == 0.02) == image_aids
+    assert cfg.train.stop.threshold == (0.95 if image_aids else 0.99)
     if image_aids:
         assert cfg.objective.intermediate.weight == 0.3 and cfg.objective.intermediate.anneal is None
         assert cfg.model.token_shift and cfg.task.train_queries == 4  # the rest of recipe=fast is kept
