@@ -223,6 +223,18 @@ def test_the_fast_recipe_has_its_own_settings_for_images_alone(overrides, image_
         assert cfg.model.token_shift and cfg.task.train_queries == 4  # the rest of recipe=fast is kept
 
 
+@pytest.mark.parametrize("overrides, anneal", [
+    ([], [300, 600]),
+    (["model=paper"], [600, 1200]),                                   # conf/recipe_by_model/fast_paper.yaml
+    (["model=paper", "objective.intermediate.anneal=[300,600]"], [300, 600]),
+])
+def test_the_fast_recipe_fades_the_aid_later_for_the_paper_model(overrides, anneal):
+    from conftest import compose_cfg
+
+    assert list(compose_cfg("train", overrides).objective.intermediate.anneal) == anneal
+    assert compose_cfg("train", ["model=paper", "recipe=plain"]).objective.intermediate.weight == 0
+
+
 def test_command_line_overrides_beat_the_image_recipe():
     from conftest import compose_cfg
 
