@@ -79,3 +79,18 @@ def test_relevance_table_reads_the_evaluator_outputs(tmp_path):
     table = pruning_markdown(str(tmp_path))
     assert "| text | accuracy | iterative | id | 1.000 / 0.900 / 0.500 | ['2', '0', '1'] |" in table
     assert "| image | accuracy | iterative | id | 1.000 / 0.700 / 0.500 | ['2', '0', '1'] |" in table
+
+
+def test_relevance_table_writes_undefined_correlations_as_na(tmp_path):
+    """A stream at chance has constant relevance: its correlations (and p-values) are None."""
+    from lab.eval.relevance_table import relevance_markdown
+
+    undefined = {"r": None, "p": None, "ci_low": None, "ci_high": None}
+    result = {"full": {"accuracy": 0.25}, "chance": 0.25, "n_calibration": 8,
+              "operators": {"skip": {"correlations": {"cosine_all": {"vs_relevance": {
+                  "pearson": undefined, "spearman": undefined, "kendall": undefined}}},
+                  "accuracy_without": [0.25, 0.25], "loss_increase": [0.0, 0.0]}},
+              "similarity": {"cosine_all": [0.1, 0.2]}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "layer_relevance.json").write_text(json.dumps({"results": {"text": {"id": result}}}))
+    assert "| skip | cosine_all | relevance | n/a [n/a, n/a] (n/a) | n/a (n/a) | n/a (n/a) | - |" in relevance_markdown(str(tmp_path))

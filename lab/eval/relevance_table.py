@@ -15,6 +15,11 @@ def _signed(value) -> str:
     return "n/a" if value is None else f"{value:+.2f}"
 
 
+def _p(value) -> str:
+    """A p-value, or n/a where the correlation is undefined (e.g. constant relevance at chance)."""
+    return "n/a" if value is None else f"{value:.2g}"
+
+
 def relevance_markdown(run: str) -> str:
     d = json.load(open(f"{run}/eval/layer_relevance.json"))
     out = []
@@ -33,8 +38,8 @@ def relevance_markdown(run: str) -> str:
                         mis = o.get("ranking", {}).get(score, {}).get(vs)
                         ms = "-" if not mis else f"{mis['n_misordered']}/{mis['n_ordered_pairs']} ({mis['n_reference_ties']} ties)"
                         out.append(f"| {op} | {score} | {vs[3:]} | {_signed(P['r'])} [{_signed(P.get('ci_low'))}, "
-                                   f"{_signed(P.get('ci_high'))}] ({P['p']:.2g}) | {_signed(S['r'])} ({S['p']:.2g}) | "
-                                   f"{_signed(K['r'])} ({K['p']:.2g}) | {ms} |")
+                                   f"{_signed(P.get('ci_high'))}] ({_p(P['p'])}) | {_signed(S['r'])} ({_p(S['p'])}) | "
+                                   f"{_signed(K['r'])} ({_p(K['p'])}) | {ms} |")
             skip = r["operators"]["skip"]
             blocks = zip(skip["accuracy_without"], skip["loss_increase"], r["similarity"]["cosine_all"])
             out.append("\nPer block (skip): " + ", ".join(
