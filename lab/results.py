@@ -135,7 +135,8 @@ def select_group(records: list[dict], spec: str) -> list[dict]:
         known = sorted({r["regime"] for r in records})
         raise LabError(f"--compare: no runs of {spec!r}; regimes found: {', '.join(known)}")
     if len(groups) > 1:
-        names = ", ".join(f"{regime}@{aids if encoder == '-' else encoder}" for encoder, aids in groups)
+        by_encoder = len({encoder for encoder, _ in groups}) == len(groups)  # else the aids tell them apart
+        names = ", ".join(f"{regime}@{encoder if by_encoder else aids}" for encoder, aids in groups)
         raise LabError(f"--compare: {spec!r} matches runs of several encoders or aid sets; name one of: {names}")
     return runs
 
