@@ -1,8 +1,8 @@
 """Regimes: a curriculum of phases, each with a modality mix, a noise setting and a stop rule.
 
 A phase ends at its step budget (``max_steps``) or, when ``until`` names a validation metric,
-once that metric has stayed at or above ``train.stop.threshold`` for ``train.stop.patience``
-validations. :class:`PhaseController` runs inside one Lightning ``fit``: it advances phases at
+once that metric has stayed at or above its threshold (the phase's ``threshold``, else
+``train.stop.threshold``) for ``train.stop.patience`` validations. :class:`PhaseController` runs inside one Lightning ``fit``: it advances phases at
 validation time, checkpoints each finished phase as ``phase<i>_<name>.ckpt``, and its state travels
 in the checkpoint so a resumed run continues in the right phase.
 """
@@ -28,6 +28,7 @@ class Phase:
     until: str | None = None         # metric that ends the phase when saturated, or None
     noise: bool | None = None        # override the streams' own noise setting (None: keep it)
     lr: float | None = None          # phase learning rate (default train.lr)
+    threshold: float | None = None   # saturation level of ``until`` (default train.stop.threshold)
 
     def modality_at(self, seed: int, step: int) -> str:
         """The modality of training step ``step``: a pure function of (seed, step)."""
@@ -73,6 +74,9 @@ def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
         until = raw.get("until", "auto")
         if until == "auto":
             until = f"val/{max(mix, key=mix.get)}_id_acc"
+        threshold = raw.get("threshold")
+        if threshold is not None and not 0 < float(threshold) <= 1:
+            raise LabError(f"{where}: threshold must be in (0, 1], got {threshold}")
         phases.append(
             Phase(
                 name=str(raw.get("name", f"phase{i}")),
@@ -81,6 +85,7 @@ def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
                 until=until,
                 noise=None if raw.get("noise") is None else bool(raw.get("noise")),
                 lr=raw.get("lr"),
+                threshold=None if threshold is None else float(threshold),
             )
         )
     return Regime(name=str(node.get("name", "custom")), phases=phases)
@@ -133,7 +138,8 @@ class PhaseController(L.Callback):
             # While an annealed training aid is still fading, saturation does not count: a run is
             # solved only once it solves the task on its own.
             aided = getattr(pl_module, "aid_fading", lambda step: False)(trainer.global_step)
-            self.hits = self.hits + 1 if float(metrics[phase.until]) >= self.threshold and not aided else 0
+            threshold = self.threshold if phase.threshold is None else phase.threshold
+            self.hits = self.hits + 1 if float(metrics[phase.until]) >= threshold and not aided else 0
         saturated = phase.until is not None and self.hits >= self.patience
         if saturated or self.phase_step(trainer.global_step) >= phase.max_steps:
             self._finish_phase(trainer, "saturated" if saturated else "budget")
