@@ -172,7 +172,7 @@ def per_count_figure(records: list[dict], path: Path, split: str = "ood") -> Non
             stats_ = [mean_ci([r["per_count"][k] for r in rs if k in r["per_count"]]) for k in keys]
             mean = np.array([s[0] for s in stats_])
             half = np.array([s[2] for s in stats_])
-            label = f"{regime} ({modality}{'' if encoder == '-' else ', ' + encoder}, {len(rs)} seeds)"
+            label = f"{regime} ({modality}{'' if encoder == '-' else ', ' + encoder}, {len(rs)} seed{'s' if len(rs) != 1 else ''})"
             line = ax.plot(counts, mean, marker="o", label=label, linestyle="-" if modality == "text" else "--")[0]
             ax.fill_between(counts, mean - half, mean + half, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("number of objects")
