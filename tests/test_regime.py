@@ -165,6 +165,17 @@ def test_step_matched_control_refuses_a_run_still_in_progress(tmp_path):
         compose(tiny_cfg("regime=text_control", f"regime.match_steps_of={reference}"))
 
 
+@pytest.mark.parametrize("experiment, noise", [("image_text", [0, 0]), ("noise_image_text", [0, 16]), ("noise_text", [0, 16])])
+def test_regime_presets_carry_noise_and_the_measured_budgets(experiment, noise):
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    assert cfg.regime.name == experiment
+    assert list(cfg.task.noise_tokens) == noise
+    if "image" in experiment:  # the budgets of the measured CPU sweep, not a 20000-step mix
+        assert (cfg.train.max_steps, cfg.train.val_every, cfg.regime.mix_steps) == (2400, 50, 300)
+
+
 @pytest.mark.parametrize("regime, text_stream", [("image_text", "text"), ("noise_image_text", "noisy_text")])
 def test_image_phase_keeps_text_unless_told_otherwise(regime, text_stream):
     streams = ["text", "noisy_text", "image"]
