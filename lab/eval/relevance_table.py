@@ -11,13 +11,9 @@ import sys
 from collections import defaultdict
 
 
-def _signed(value) -> str:
-    return "n/a" if value is None else f"{value:+.2f}"
-
-
-def _p(value) -> str:
-    """A p-value, or n/a where the correlation is undefined (e.g. constant relevance at chance)."""
-    return "n/a" if value is None else f"{value:.2g}"
+def _fmt(value, spec: str = "+.2f") -> str:
+    """A number, or n/a where it is undefined (e.g. correlations of a constant relevance at chance)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def relevance_markdown(run: str) -> str:
@@ -37,9 +33,9 @@ def relevance_markdown(run: str) -> str:
                         P, S, K = c[vs]["pearson"], c[vs]["spearman"], c[vs]["kendall"]
                         mis = o.get("ranking", {}).get(score, {}).get(vs)
                         ms = "-" if not mis else f"{mis['n_misordered']}/{mis['n_ordered_pairs']} ({mis['n_reference_ties']} ties)"
-                        out.append(f"| {op} | {score} | {vs[3:]} | {_signed(P['r'])} [{_signed(P.get('ci_low'))}, "
-                                   f"{_signed(P.get('ci_high'))}] ({_p(P['p'])}) | {_signed(S['r'])} ({_p(S['p'])}) | "
-                                   f"{_signed(K['r'])} ({_p(K['p'])}) | {ms} |")
+                        out.append(f"| {op} | {score} | {vs[3:]} | {_fmt(P['r'])} [{_fmt(P.get('ci_low'))}, "
+                                   f"{_fmt(P.get('ci_high'))}] ({_fmt(P['p'], '.2g')}) | {_fmt(S['r'])} ({_fmt(S['p'], '.2g')}) | "
+                                   f"{_fmt(K['r'])} ({_fmt(K['p'], '.2g')}) | {ms} |")
             skip = r["operators"]["skip"]
             blocks = zip(skip["accuracy_without"], skip["loss_increase"], r["similarity"]["cosine_all"])
             out.append("\nPer block (skip): " + ", ".join(

@@ -2,9 +2,10 @@
 
 A phase ends at its step budget (``max_steps``) or, when ``until`` names a validation metric,
 once that metric has stayed at or above its threshold (the phase's ``threshold``, else
-``train.stop.threshold``) for ``train.stop.patience`` validations. :class:`PhaseController` runs inside one Lightning ``fit``: it advances phases at
-validation time, checkpoints each finished phase as ``phase<i>_<name>.ckpt``, and its state travels
-in the checkpoint so a resumed run continues in the right phase.
+``train.stop.threshold``) for ``train.stop.patience`` validations. :class:`PhaseController` runs
+inside one Lightning ``fit``: it advances phases at validation time, checkpoints each finished phase
+as ``phase<i>_<name>.ckpt``, and its state travels in the checkpoint so a resumed run continues in
+the right phase.
 """
 from __future__ import annotations
 
