@@ -37,6 +37,7 @@ from lab.results import intermediate_settings  # noqa: E402
 # Named recipes: the paper's plain recipe (conf/recipe/plain.yaml) plus training aids.
 # "default" measures whatever conf/ makes the default (conf/recipe/fast.yaml = shift_mid_dense4_anneal).
 _SHIFT, _MID = "model.token_shift=true", "objective.intermediate.weight=1"
+_TORCH, _ASSOC = "model.init=torch", "model.token_shift=associations"
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "plain": ["recipe=plain"],
@@ -51,6 +52,18 @@ RECIPES: dict[str, list[str]] = {
     "shift_mid_dense4_lr2e-3": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "train.lr=2e-3"],
     "shift_mid_dense4_layer1": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "objective.intermediate.layer=1"],
     "shift_mid_dense4_anneal": ["recipe=plain", _SHIFT, _MID, "task.train_queries=4", "objective.intermediate.anneal=[300,600]"],
+    # Binding left to the model (docs/learning.md, "Binding left to the model"): no shift on the
+    # context. ti_ = model.init=torch, assoc = model.token_shift=associations.
+    "default_ti": [_TORCH],
+    "default_scaled": ["model.init=scaled"],
+    "ti_plain4": ["recipe=plain", _TORCH, "task.train_queries=4"],
+    "ti_mid4": ["recipe=plain", _TORCH, _MID, "task.train_queries=4"],
+    "ti_assoc4": ["recipe=plain", _TORCH, _ASSOC, "task.train_queries=4"],
+    "ti_assoc_mid4": ["recipe=plain", _TORCH, _ASSOC, _MID, "task.train_queries=4"],
+    "ti_assoc_mid4_anneal": ["recipe=plain", _TORCH, _ASSOC, _MID, "task.train_queries=4",
+                             "objective.intermediate.anneal=[1000,1500]"],
+    "sc_assoc_mid4": ["recipe=plain", "model.init=scaled", _ASSOC, _MID, "task.train_queries=4"],
+    "free_binding": ["recipe=free_binding"],
 }
 FIELDS = ["recipe", "seed", "cap", "overrides", "solved_0.99", "step_0.99", "wall_s_0.99", "cpu_s_0.99",
           "ood_0.99", "step_0.9", "wall_s_0.9", "cpu_s_0.9", "ood_0.9", "final_step", "final_id", "final_ood"]

@@ -107,7 +107,8 @@ def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> Res
 
 def init_from_run(model, source: str | Path, task) -> int:
     """Load the weights of a trained run (its ``last.ckpt``, or a checkpoint path) into ``model``,
-    for fine-tuning; the run must be of the same task and vocabulary. Adapter parameters the run
+    for fine-tuning or a curriculum across tasks; the run's vocabulary must be this task's, token for
+    token (another task is accepted then, e.g. ``task=one_hop`` -> ``task=retrieval``). Adapter parameters the run
     lacks keep their initial values (LoRA's B = 0: the model starts equal to the trained one).
     Returns the checkpoint's step."""
     source = Path(source)
@@ -115,7 +116,7 @@ def init_from_run(model, source: str | Path, task) -> int:
         raise LabError(f"init_from={source} does not exist; pass a run directory written by train.py (or a .ckpt of one)")
     path = runs.checkpoint_path(source, "last") if source.is_dir() else source
     checkpoint = runs.load_checkpoint(path)
-    runs.check_checkpoint_matches(checkpoint, task, path)
+    runs.check_checkpoint_matches(checkpoint, task, path, same_task=False)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -221,6 +222,17 @@ def check_train_settings(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise LabError(message)
+    fade = t.get("shift_fade")
+    if fade is not None:
+        try:
+            start, end = (int(v) for v in fade)
+        except (TypeError, ValueError):
+            raise LabError(f"train.shift_fade must be null or [start, end] steps, got {fade!r}") from None
+        if not 0 <= start <= end:
+            raise LabError(f"train.shift_fade={[start, end]} needs 0 <= start <= end")
+        if not cfg.model.get("token_shift"):
+            raise LabError("train.shift_fade fades the token shift, but model.token_shift is false; "
+                           "set model.token_shift=true (or associations), or drop train.shift_fade")
 
 
 def build_training(cfg: DictConfig, run_dir: str | Path = "."):
@@ -252,6 +264,7 @@ def build_training(cfg: DictConfig, run_dir: str | Path = "."):
         val_names=datamodule.val_names,
         decoder=task.vocab.decode,
         meta=runs.checkpoint_meta(task),
+        shift_fade=cfg.train.get("shift_fade"),
     )
     regime.best_monitor = cfg.train.stop.monitor or regime.phases[-1].until or f"val/{primary}_id_acc"
     monitors = [f"val/{n}_acc" for n in datamodule.val_names]

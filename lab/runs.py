@@ -102,10 +102,20 @@ def checkpoint_meta(task) -> dict:
     return {"task": task.name, "vocab": list(task.vocab.tokens)}
 
 
-def check_checkpoint_matches(checkpoint: dict, task, path) -> None:
+def check_checkpoint_matches(checkpoint: dict, task, path, same_task: bool = True) -> None:
+    """Refuse a checkpoint of another task or vocabulary. ``same_task=False`` (``init_from``)
+    accepts another task whose vocabulary is the same token for token (e.g. one_hop -> retrieval)."""
     meta = checkpoint.get("lab_meta")
     if meta is None:
         raise LabError(f"{path} has no lab metadata; it was not written by this lab's train.py")
+    if not same_task and list(meta["vocab"]) == list(task.vocab.tokens):
+        return
+    if not same_task:
+        raise LabError(
+            f"{path} was trained on task {meta['task']!r} with a {len(meta['vocab'])}-token vocabulary that differs "
+            f"from this run's (task {task.name!r}, {len(task.vocab)} tokens); init_from needs the same vocabulary "
+            "token for token (the same n_colors, n_shapes and n_items)"
+        )
     if meta["task"] != task.name or list(meta["vocab"]) != list(task.vocab.tokens):
         raise LabError(
             f"{path} was trained on task {meta['task']!r} with a {len(meta['vocab'])}-token vocabulary, but the run "

@@ -19,10 +19,10 @@ import numpy as np
 
 from tasks.render import Layout, Renderer
 from tasks.protocol import TaskConfigError
-from tasks.retrieval import RetrievalSample, RetrievalTask
+from tasks.retrieval import CounterfactualPair, RetrievalSample, RetrievalTask
 from tasks.vocab import BOS, CTX_END, IMG, QUE
 
-_STREAM_POOL, _STREAM_TRAIN, _STREAM_EVAL = 10, 11, 12
+_STREAM_POOL, _STREAM_TRAIN, _STREAM_EVAL, _STREAM_PAIRS = 10, 11, 12, 13
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,33 @@ class ImageRetrieval:
                 samples.append(self._build(context, s.items, s.association_order, s.query_object, (split, i)))
             self._eval[split] = samples
         return self._eval[split]
+
+    def counterfactual_pairs(self, split: str, n: int, seed: int = 0, n_objects: int | None = None,
+                             group: str = "pairs") -> list[CounterfactualPair]:
+        """The task's text pairs (:func:`tasks.retrieval.counterfactual_pairs`) with both contexts drawn.
+
+        "Slot" of a drawn context means *where an object is*: object i of C is drawn in the same
+        box as object i of B (one seeded layout per pair), so C's queried object (context index k)
+        sits exactly where B's object k sits and carries the shape of B's object j. Patching C
+        into B then predicts positional -> B's item at that place, symbolic -> B's item for shape j
+        (the predictions of the text pair, unchanged). The picture has no reading order: the
+        context index is only the order in which the layout placed the boxes, so "positional" in an
+        image is binding by location. Context keys are ``(f"{group}_base", i)`` and
+        ``(f"{group}_counterfactual", i)``.
+        """
+        text = self.task.counterfactual_pairs(split, n, seed, n_objects)
+        rng = np.random.default_rng([self.task.seed, _STREAM_PAIRS, self.task.splits.index(split), int(seed)])
+        pairs = []
+        for i, pair in enumerate(text):
+            corners = tuple(self.renderer.layout(rng, pair.base.n_objects).corners)
+            drawn = {}
+            for role, sample in (("base", pair.base), ("counterfactual", pair.counterfactual)):
+                context = ImageContext(tuple(sample.colors), tuple(sample.shapes), corners)
+                drawn[role] = self._build(context, sample.items, sample.association_order, sample.query_object,
+                                          (f"{group}_{role}", i))
+            pairs.append(CounterfactualPair(drawn["base"], drawn["counterfactual"], dict(pair.predictions),
+                                            pair.slot, pair.symbol_object))
+        return pairs
 
     @property
     def max_prompt_len(self) -> int:

@@ -97,6 +97,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_stream = ImageStepBatches(self)
         self.val_names = [f"{self.modality}_{split}" for split in task.splits]
         self._groups: dict[str, torch.Tensor] = {}   # group -> features [K, P, C] or uint8 images [K, H, W, 3]
+        self._pair_contexts: dict[str, list] = {}     # counterfactual-pair group -> its contexts
         self._eval: dict[str, Batched] = {}
         self._cache_key: str | None = None
 
@@ -121,6 +122,16 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self._eval:
             self._eval[split] = Batched(self.images.eval_set(split), self.eval_batch_size, self.collate)
         return self._eval[split]
+
+    def pairs(self, split: str, n: int, seed: int = 0, **options):
+        """Counterfactual pairs with drawn contexts (:meth:`ImageRetrieval.counterfactual_pairs`):
+        (specs, base batch, counterfactual batch), the pictures encoded like evaluation pictures."""
+        options = dict(options)
+        group = f"pairs_{split}_s{seed}_n{n}" + (f"_k{options['n_objects']}" if options.get("n_objects") else "")
+        specs = self.images.counterfactual_pairs(split, n, seed, group=group, **options)
+        for role in ("base", "counterfactual"):
+            self._pair_contexts[f"{group}_{role}"] = [getattr(p, role).context for p in specs]
+        return specs, self.collate([p.base for p in specs]), self.collate([p.counterfactual for p in specs])
 
     def train_dataloader(self) -> DataLoader:
         return _loader(self.train_stream)
@@ -153,6 +164,8 @@ class ImageDataModule(L.LightningDataModule):
         return self._groups[name]
 
     def _contexts(self, group: str):
+        if group in self._pair_contexts:
+            return self._pair_contexts[group]
         if group.startswith("pool_"):
             return self.images.pool(int(group.removeprefix("pool_")))
         return [s.context for s in self.images.eval_set(group)]

@@ -65,7 +65,12 @@ class EvalContext:
 
     def pairs(self, split: str, n: int, seed: int = 0, modality: str = "text", **options):
         """Paired (base, counterfactual) batches drawn by the task (``task.counterfactual_pairs``),
-        collated like the context's other batches and on its device; with the pair specs."""
+        collated like the context's other batches and on its device; with the pair specs. A data
+        stream with pairs of its own (drawn contexts: ``ImageDataModule.pairs``) makes them."""
+        own = getattr(self.data[modality], "pairs", None)
+        if own is not None:
+            specs, base, counter = own(split, n, seed=seed, **options)
+            return specs, to_device(base, self.device), to_device(counter, self.device)
         make = getattr(self.task, "counterfactual_pairs", None)
         if make is None:
             raise LabError(f"task {self.task.name!r} does not define counterfactual pairs")

@@ -12,6 +12,8 @@ from lab.errors import LabError
 from lab.models.interface import ResidualModel, Stream, attention_mask
 
 POSITIONAL_ENCODINGS = ("rope", "learned", "none")
+INITS = ("gpt2", "torch", "scaled")
+TOKEN_SHIFTS = (False, True, "associations")
 
 
 class ModelConfigError(LabError, ValueError):
@@ -76,6 +78,56 @@ def previous_attendable(attend: Tensor) -> Tensor:
     return torch.cat([torch.full_like(marked[:, :1], -1), marked[:, :-1].cummax(dim=1).values], dim=1)
 
 
+def shift_gate(batch: Mapping[str, Tensor], previous: Tensor, where: bool | str) -> Tensor:
+    """[B, T] bool: positions that receive the token shift. ``True``: every position with an
+    attendable predecessor; ``"associations"``: only those at or after the first ``[CTX_END]``."""
+    gate = previous >= 0
+    if where != "associations":
+        return gate
+    roles = batch.get("roles") or {}
+    if "ctx_end" not in roles:
+        raise ModelConfigError(
+            "model.token_shift=associations needs the batch's ctx_end role (a task with a [CTX_END] "
+            "segment, such as task=retrieval); use model.token_shift=true or false for this task"
+        )
+    start = roles["ctx_end"][:, :1]
+    index = torch.arange(previous.shape[1], device=previous.device)[None]
+    return gate & (index >= start) & (start >= 0)
+
+
+def initialise(model: nn.Module, init: str, n_layers: int) -> None:
+    """Initialise every weight of ``model`` by the named scheme (see :class:`Backbone`)."""
+    if init == "torch":
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return
+    if init == "gpt2":  # kept draw for draw as before the option existed (same seed, same weights)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in model.named_parameters():  # GPT-2 style scaled init of residual writes
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0)
+        elif isinstance(module, nn.Linear):
+            write = name.endswith("proj") or name.endswith("mlp.2")
+            std = module.in_features ** -0.5 / (math.sqrt(2 * n_layers) if write else 1.0)
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _default_shift_scale(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the shift could fade have no ``shift_scale``: it was 1."""
+    state_dict.setdefault(prefix + "shift_scale", torch.ones(()))
+
+
 class Backbone(ResidualModel):
     """The lab's transformer. ``embed`` also accepts precomputed input embeddings for
     placeholder tokens (``embed(batch, inject=(values, mask))``),
@@ -84,7 +136,19 @@ class Backbone(ResidualModel):
     ``token_shift=True`` adds a previous-token prior: h_0 at position t also receives a learned
     linear map of the input embedding at the previous attendable position (a "token shift", as in
     RWKV), which hands every token the identity of its predecessor without an attention step.
+    ``token_shift="associations"`` applies it only from the prompt's first ``[CTX_END]`` on (read
+    from ``batch.roles["ctx_end"]``): association items know their shape, but context shapes do not
+    know their colour, so colour-shape binding is left to attention. The shift's output is scaled
+    by the buffer ``shift_scale`` (1 unless a training fade lowers it; saved in checkpoints).
     It is an architectural prior, off by default; docs/learning.md measures what it changes.
+
+    ``init`` chooses the initialisation (docs/learning.md measures each):
+    ``gpt2``: every weight N(0, 0.02), residual writes N(0, 0.02 / sqrt(2 L)) (GPT-2's choice for
+    width 768; at width 64-128 it leaves attention near uniform);
+    ``torch``: PyTorch's own defaults (embeddings N(0, 1), linear layers uniform with std
+    1 / sqrt(3 fan_in), LayerNorm ones/zeros);
+    ``scaled``: linear weights N(0, 1 / fan_in) (std 1 / sqrt(fan_in)), residual writes also divided
+    by sqrt(2 L), biases zero, embeddings N(0, 1).
     """
 
     def __init__(
@@ -97,9 +161,16 @@ class Backbone(ResidualModel):
         max_len: int = 512,
         pos_encoding: str = "rope",
         dropout: float = 0.0,
-        token_shift: bool = False,
+        token_shift: bool | str = False,
+        init: str = "gpt2",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ModelConfigError(f"model.init={init!r} is unknown; choose one of {INITS}")
+        if token_shift not in TOKEN_SHIFTS or isinstance(token_shift, int) and not isinstance(token_shift, bool):
+            raise ModelConfigError(
+                f"model.token_shift={token_shift!r} is unknown; choose false, true or associations"
+            )
         if pos_encoding not in POSITIONAL_ENCODINGS:
             raise ModelConfigError(
                 f"model.pos_encoding={pos_encoding!r} is unknown; choose one of {POSITIONAL_ENCODINGS}"
@@ -112,8 +183,12 @@ class Backbone(ResidualModel):
         if min(n_layers, d_model, n_heads, d_ff, max_len) < 1 or not 0.0 <= dropout < 1.0:
             raise ModelConfigError("model sizes must be >= 1 and model.dropout in [0, 1)")
         self.n_layers, self.d_model, self.max_len, self.pos_encoding = n_layers, d_model, max_len, pos_encoding
+        self.init, self.token_shift = init, token_shift
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.shift = nn.Linear(d_model, d_model, bias=False) if token_shift else None
+        if self.shift is not None:
+            self.register_buffer("shift_scale", torch.ones(()))
+            self._register_load_state_dict_pre_hook(_default_shift_scale)
         self.pos_emb = nn.Embedding(max_len, d_model) if pos_encoding == "learned" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -121,17 +196,7 @@ class Backbone(ResidualModel):
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual writes
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        initialise(self, init, n_layers)
 
     def embed(self, batch: Mapping[str, Tensor], inject: tuple[Tensor, Tensor] | None = None) -> Stream:
         """Token embeddings (+ token shift, + positions). ``inject`` = (values [B, P, D], mask
@@ -148,7 +213,8 @@ class Backbone(ResidualModel):
         if self.shift is not None:
             previous = previous_attendable(batch["attend"])
             h_prev = h.gather(1, previous.clamp(min=0)[..., None].expand_as(h))
-            h = h + self.shift(h_prev * (previous >= 0)[..., None].to(h.dtype))
+            gate = shift_gate(batch, previous, self.token_shift)
+            h = h + self.shift_scale * self.shift(h_prev * gate[..., None].to(h.dtype))
         if self.pos_emb is not None:
             h = h + self.pos_emb(positions)
         stream = Stream(h=self.drop(h), attend=batch["attend"], positions=positions)

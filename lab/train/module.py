@@ -36,6 +36,28 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
     return factor
 
 
+def shift_fade_scale(window: tuple[int, int], step: int) -> float:
+    """Scale of the token shift at ``step`` under a fade ``window`` = (start, end): 1 before
+    start, 0 from end on, linear in between."""
+    start, end = window
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return (end - step) / (end - start)
+
+
+def set_shift_scale(model: nn.Module, scale: float) -> None:
+    """Write ``scale`` into the ``shift_scale`` buffer of every token-shift backbone in ``model``."""
+    found = False
+    for module in model.modules():
+        if isinstance(getattr(module, "shift_scale", None), torch.Tensor):
+            module.shift_scale.fill_(scale)
+            found = True
+    if not found:
+        raise LabError("train.shift_fade needs a model with a token shift (model.token_shift=true or associations)")
+
+
 class AnswerAccuracy:
     """Accumulates correct/total counts overall and per number of objects."""
 
@@ -78,6 +100,7 @@ class TrainingModule(L.LightningModule):
         val_names: list[str] | None = None,
         decoder=None,
         meta: dict | None = None,
+        shift_fade: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -88,6 +111,8 @@ class TrainingModule(L.LightningModule):
         self.val_names = list(val_names or [])
         self.decoder = decoder  # optional: token ids -> strings, for logging samples
         self.meta = meta  # stamped into checkpoints as ``lab_meta`` (which task they belong to)
+        # [start, end]: the model's token shift is scaled linearly from 1 to 0 over these steps.
+        self.shift_fade = tuple(int(v) for v in shift_fade) if shift_fade is not None else None
         self._val: dict[str, AnswerAccuracy] = {}
         self.last_val_metrics: dict[str, float] = {}
 
@@ -96,6 +121,11 @@ class TrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         step, logging = self.global_step, self._logging_step()
+        if self.shift_fade is not None:
+            scale = shift_fade_scale(self.shift_fade, step)
+            set_shift_scale(self.model, scale)
+            if logging:
+                self.log("train/shift_scale", scale)
         active = {}
         for name, part in self.objectives.items():
             weight = part.weight_at(step)
@@ -121,7 +151,8 @@ class TrainingModule(L.LightningModule):
 
     def aid_fading(self, step: int) -> bool:
         """Whether an annealed objective part still acts at ``step`` (saturation does not count then)."""
-        return any(part.fading(step) for part in self.objectives.values())
+        shift_fading = self.shift_fade is not None and step < self.shift_fade[1]
+        return shift_fading or any(part.fading(step) for part in self.objectives.values())
 
     def _logging_step(self) -> bool:
         """Whether Lightning will write this step's metrics to the logger (every
