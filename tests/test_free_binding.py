@@ -217,3 +217,23 @@ def test_recipes_compose(recipe):
     assert model.token_shift in (False, "associations") and model.init == "torch"
     cfg_image = compose_cfg("train", [f"recipe={recipe}", "experiment=image_text"])
     assert cfg_image.model.token_shift == model.token_shift
+
+
+def test_slot_labels_name_the_queried_objects_context_slot():
+    """objective.slot's targets: at the evaluated query, the queried object's index in the
+    context; at every follow-up query, the slot of the object that query asks for."""
+    from lab.data.datamodule import TextDataModule
+    from lab.train.intermediate import SlotSupervision
+
+    task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=(2, 5), ood_objects=(6, 7), train_queries=3, seed=4)
+    batch = TextDataModule(task, batch_size=16).train_batch(0)
+    model = Backbone(vocab_size=len(task.vocab), d_model=16, n_heads=2, d_ff=32, n_layers=2)
+    part = SlotSupervision(model=model, task=task)
+    labels = part.slot_labels(batch)
+    rows = torch.arange(len(batch))
+    assert labels[rows, batch.answer_pos].tolist() == batch.objects["query_object"].tolist()
+    color0 = task.vocab["color_0"]
+    for b, t in (labels != -100).nonzero().tolist():  # each query's colour token sits at its position
+        slot = labels[b, t].item()
+        assert batch.tokens[b, t].item() - color0 == batch.objects["colors"][b, slot].item()
+    assert (labels != -100).sum() > len(batch)  # follow-ups are labelled too

@@ -74,3 +74,44 @@ class IntermediateSupervision(Objective):
         if embedding is None:
             raise LabError("objective.intermediate.space=embedding needs a model with input token embeddings")
         return F.layer_norm(h, h.shape[-1:]) @ embedding.T
+
+
+class SlotSupervision(Objective):
+    """Positional-control aid: at every query position, the residual stream at ``layer`` is
+    trained to name the queried object's *context slot* (its index in the context, 0..N-1)
+    through the part's own head (LayerNorm + linear, never used at evaluation).
+
+    Where :class:`IntermediateSupervision` hands the model the queried shape (the symbolic
+    route), this hands it the queried object's place, so binding by position is the easy route.
+    Slots are read from the batch: the slot whose shape is the query's intermediate target.
+    """
+
+    needs_intermediate = True
+
+    def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
+                 n_layers: int | None = None, start: int = 0, batches: str = "all") -> None:
+        super().__init__(weight, anneal, "slot", start, batches)
+        n_layers = model.n_layers if n_layers is None else n_layers
+        layer = n_layers // 2 if layer is None else layer
+        if not 0 <= layer <= n_layers:
+            raise LabError(f"objective.slot.layer={layer} must lie in 0..{n_layers} (the model's layers)")
+        self.layer, self.layers = int(layer), (int(layer),)
+        self.shape0 = int(task.vocab["shape_0"])
+        d_model = int(model.token_embedding().shape[1])
+        self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, int(task.max_objects)))
+
+    def applies(self, batch) -> bool:
+        return batch.get("mid_labels") is not None and "shapes" in batch.objects and self.acts_on(batch)
+
+    def slot_labels(self, batch) -> torch.Tensor:
+        """[B, T] context slot of the queried object at every query position (IGNORE_INDEX elsewhere)."""
+        mid = batch["mid_labels"]
+        shapes = batch.objects["shapes"]                      # [B, N] shape index per slot (-1 = none)
+        match = (mid[..., None] - self.shape0) == shapes[:, None, :]  # [B, T, N]
+        valid = (mid != IGNORE_INDEX) & match.any(-1)
+        return torch.where(valid, match.float().argmax(-1), torch.full_like(mid, IGNORE_INDEX))
+
+    def loss(self, model, batch, out: LabelledRun) -> torch.Tensor:
+        labels = self.slot_labels(batch)
+        valid = labels != IGNORE_INDEX
+        return F.cross_entropy(self.head(out.captured[self.layer][valid]), labels[valid])
