@@ -107,14 +107,15 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
     run_name = f"{name}_s{seed}_cap{args.cap}"
     run_dir = Path(args.root) / run_name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"seed={seed}", f"train.max_steps={args.cap}",
-               f"train.val_every={args.every}", f"hydra.run.dir={run_dir}", f"run_name={run_name}", *args.extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    started = time.time()
-    with open(Path(args.root) / f"{run_name}.log", "w") as log:
-        code = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started, code = time.time(), 0
+    if not args.collect:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        command = [sys.executable, str(ROOT / "train.py"), *overrides, f"seed={seed}", f"train.max_steps={args.cap}",
+                   f"train.val_every={args.every}", f"hydra.run.dir={run_dir}", f"run_name={run_name}", *args.extra]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        with open(Path(args.root) / f"{run_name}.log", "w") as log:
+            code = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     times = {t["step"]: t for t in read_jsonl(run_dir / "times.jsonl")}
     if code != 0 or not metrics:
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(ROOT / "checkpoints" / "time_to_solve"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "docs" / "tables" / "time_to_solve"), help="table path without suffix")
     parser.add_argument("extra", nargs="*", help="further overrides for every run (e.g. model=paper)")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: read the runs already under --root (e.g. finished after an interruption)")
     parser.add_argument("--merge", nargs="*", default=None, help="only merge these CSVs (of earlier invocations) into --out")
     args = parser.parse_args()
     if args.merge is not None:

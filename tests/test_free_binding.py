@@ -237,3 +237,30 @@ def test_slot_labels_name_the_queried_objects_context_slot():
         slot = labels[b, t].item()
         assert batch.tokens[b, t].item() - color0 == batch.objects["colors"][b, slot].item()
     assert (labels != -100).sum() > len(batch)  # follow-ups are labelled too
+
+
+def test_attention_patterns_on_request_match_the_fast_path_and_name_the_targets():
+    """The pattern path gives the fast path's output; on a hand-set model whose only layer
+    attends uniformly, attention to each target is 1 / (number of attendable keys)."""
+    from lab.data.datamodule import TextDataModule
+    from lab.train.callbacks import attention_to_targets
+
+    task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=(2, 4), ood_objects=(5, 6), seed=0)
+    batch = TextDataModule(task, batch_size=8).train_batch(0)
+    torch.manual_seed(0)
+    model = Backbone(vocab_size=len(task.vocab), d_model=16, n_heads=2, d_ff=32, n_layers=2).eval()
+    stream = model.embed(batch)
+    fast = model.block(0, stream)
+    stream.extra["patterns"] = patterns = []
+    slow = model.block(0, stream)
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=1e-5)
+    assert patterns[0].shape == (len(batch), 2, batch.tokens.shape[1], batch.tokens.shape[1])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[:32].zero_()  # q = k = 0: uniform attention over the attendable keys
+            block.attn.qkv.bias[:32].zero_()
+    values = attention_to_targets(model, batch)
+    uniform = float((1.0 / (batch.answer_pos + 1).float()).mean())
+    for target in ("ctx_color", "ctx_shape", "assoc_shape", "assoc_item"):
+        assert values[f"attn/{target}_l0"] == pytest.approx(uniform, abs=1e-5)
+        assert values[f"attn/{target}_max"] == pytest.approx(uniform, abs=1e-5)

@@ -49,9 +49,16 @@ class Attention(nn.Module):
         mask = stream.extra.get("mask")
         if mask is None or stream.knockout is not None:
             mask = attention_mask(stream)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        patterns = stream.extra.get("patterns")
+        if patterns is not None:  # the slow path, on request: the attention pattern of every head
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            patterns.append(weights)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 

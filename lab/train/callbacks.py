@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class DataStepSync(L.Callback):
@@ -72,3 +73,66 @@ class MetricsFile(L.Callback):
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.summary.write_text(json.dumps(record, indent=2))
+
+
+class AttentionProgress(L.Callback):
+    """A measure that moves while the loss is flat: at every validation, how much the evaluated
+    query attends to the tokens a two-hop circuit must read, on ``n`` fixed ID text prompts.
+
+    Per layer l (max over heads, mean over prompts), the attention from the query position to
+    the queried object's context colour (``attn/ctx_color_l{l}``) and context shape
+    (``attn/ctx_shape_l{l}``), and to the association of its shape (``attn/assoc_shape_l{l}``,
+    ``attn/assoc_item_l{l}``); chance for each is about 1 / (prompt length). The largest over
+    layers is also written (``attn/<target>_max``). Added to ``metrics.jsonl`` and TensorBoard.
+    """
+
+    TARGETS = ("ctx_color", "ctx_shape", "assoc_shape", "assoc_item")
+
+    def __init__(self, n: int = 128) -> None:
+        self.n = int(n)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        text = getattr(trainer.datamodule, "data", {}).get("text")
+        if text is None or not hasattr(text, "task"):
+            return
+        batch = text.eval_batches(text.task.splits[0])[0]
+        batch = batch.to(pl_module.device).rows(torch.arange(min(self.n, len(batch))))
+        values = attention_to_targets(pl_module.model, batch)
+        pl_module.last_val_metrics.update(values)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_scalar"):
+            for key, value in values.items():
+                experiment.add_scalar(key, value, trainer.global_step)
+
+
+@torch.no_grad()
+def attention_to_targets(model, batch) -> dict[str, float]:
+    """``attn/<target>_l<l>`` and ``attn/<target>_max`` of :class:`AttentionProgress` for ``batch``."""
+    was_training = model.training
+    model.eval()
+    try:
+        stream = model.embed(batch)
+        stream.extra["patterns"] = patterns = []
+        h = stream.h
+        for layer in range(model.n_layers):
+            h = model.block(layer, stream.with_h(h))
+    finally:
+        model.train(was_training)
+    rows = torch.arange(len(batch), device=batch.tokens.device)
+    q = batch.objects["query_object"]
+    order = batch.objects["association_order"]
+    assoc = (order == q[:, None]).float().argmax(1)
+    keys = {
+        "ctx_color": batch.roles["context_color"][rows, q],
+        "ctx_shape": batch.roles["context_shape"][rows, q],
+        "assoc_shape": batch.roles["association_shape"][rows, assoc],
+        "assoc_item": batch.roles["association_item"][rows, assoc],
+    }
+    out = {}
+    for name, key in keys.items():
+        per_layer = [float(p[rows, :, batch.answer_pos, key].amax(1).mean()) for p in patterns]
+        out.update({f"attn/{name}_l{l}": round(v, 6) for l, v in enumerate(per_layer)})
+        out[f"attn/{name}_max"] = round(max(per_layer), 6)
+    return out

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import runs
 from lab.build import build_training
 from lab.errors import LabError
-from lab.train.callbacks import DataStepSync, MetricsFile
+from lab.train.callbacks import AttentionProgress, DataStepSync, MetricsFile
 from lab.train.regime import PhaseController
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, ex
         last,  # after ``best``, so last.ckpt records the updated best score
         controller,
         DataStepSync(),
+        *([AttentionProgress()] if cfg.train.get("track_attention") else []),  # before MetricsFile, which writes its values
         MetricsFile(run_dir),
         *extra_callbacks,
     ]
