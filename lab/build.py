@@ -118,8 +118,14 @@ def init_from_run(model, source: str | Path, task) -> int:
     checkpoint = runs.load_checkpoint(path)
     runs.check_checkpoint_matches(checkpoint, task, path, same_task=False)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    target = model
+    if isinstance(model, VisionTextModel) and not any(k.startswith("backbone.") for k in state):
+        # a text-only run starts an image run: its weights are the language model's; the encoder
+        # and projector keep theirs (the pretrained encoder, a fresh projector)
+        target = model.backbone
+        log.info("init_from=%s is a text-only run: it initialises the language model; the projector starts fresh", source)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = target.load_state_dict(state, strict=False)
     except RuntimeError as error:
         raise LabError(f"init_from={source}: its weights do not fit this model ({runs.one_line(error, 300)}); "
                        "use the same model settings as that run") from None

@@ -264,3 +264,21 @@ def test_attention_patterns_on_request_match_the_fast_path_and_name_the_targets(
     for target in ("ctx_color", "ctx_shape", "assoc_shape", "assoc_item"):
         assert values[f"attn/{target}_l0"] == pytest.approx(uniform, abs=1e-5)
         assert values[f"attn/{target}_max"] == pytest.approx(uniform, abs=1e-5)
+
+
+def test_init_from_a_text_run_starts_the_language_model_of_an_image_run(tiny_run):
+    """A text-only run initialises an image run's backbone (the paper's curriculum continued
+    from a converged text model); the encoder and projector keep their own weights."""
+    from lab.build import build_model, build_task, init_from_run, load_trained
+
+    cfg = tiny_cfg("experiment=image_text", "encoder.weights=random", "regime.data.image.feature_cache_dir=null",
+                   "regime.data.image.pool_size=8")
+    task = build_task(cfg)
+    model = build_model(cfg, task)
+    projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    init_from_run(model, tiny_run.dir, task)
+    _, _, text_model, _ = load_trained(tiny_run.dir, "last")
+    for key, value in text_model.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, msg=key)
+    for key, value in model.projector.state_dict().items():
+        torch.testing.assert_close(value, projector[key])
