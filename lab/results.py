@@ -69,12 +69,23 @@ def training_aids(cfg) -> str:
     """The learning aids a run used (docs/learning.md), e.g. ``shift+mid@2+q4`` or, for images alone,
     ``shift+midx0.3@middle+q4+1hop4`` (intermediate weight when not 1); ``none`` for the paper's plain recipe."""
     aids = []
-    if cfg.model.get("token_shift"):
-        aids.append("shift")
+    init = cfg.model.get("init")
+    if init and init != "gpt2":  # runs without the key were initialised the gpt2 way
+        aids.append(f"init={init}")
+    shift = cfg.model.get("token_shift")
+    if shift:
+        aids.append("assocshift" if shift == "associations" else "shift")
+    if (cfg.get("train") or {}).get("shift_fade"):
+        aids[-1] += "~fade"
+    if cfg.model.get("pos_encoding") == "learned":
+        aids.append("learnedpos")
     mid = intermediate_settings(cfg)
     if mid.get("weight"):
         weight = "" if float(mid["weight"]) == 1.0 else f"x{float(mid['weight']):g}"  # e.g. midx0.3@middle
         aids.append(f"mid{weight}@{'middle' if mid.get('layer') is None else mid.get('layer')}" + ("~anneal" if mid.get("anneal") else ""))
+    slot = (cfg.get("objective") or {}).get("slot") or {}
+    if slot.get("weight"):
+        aids.append(f"slot@{'middle' if slot.get('layer') is None else slot.get('layer')}")
     if int(cfg.task.get("train_queries", 1) or 1) > 1:
         aids.append(f"q{cfg.task.train_queries}")
     one_hop = (cfg.get("objective") or {}).get("one_hop") or {}
