@@ -64,6 +64,9 @@ RECIPES: dict[str, list[str]] = {
                              "objective.intermediate.anneal=[1000,1500]"],
     "sc_assoc_mid4": ["recipe=plain", "model.init=scaled", _ASSOC, _MID, "task.train_queries=4"],
     "free_binding": ["recipe=free_binding"],
+    "positional_control": ["recipe=positional_control"],
+    "onehop_ti": ["task=one_hop", "recipe=plain", _TORCH],
+    "onehop_scaled": ["task=one_hop", "recipe=plain", "model.init=scaled"],
 }
 FIELDS = ["recipe", "seed", "cap", "overrides", "solved_0.99", "step_0.99", "wall_s_0.99", "cpu_s_0.99",
           "ood_0.99", "step_0.9", "wall_s_0.9", "cpu_s_0.9", "ood_0.9", "final_step", "final_id", "final_ood"]
