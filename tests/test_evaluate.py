@@ -60,7 +60,7 @@ def recompute_accuracy(run_dir, which: str) -> dict:
 
 
 def check_outputs(run_dir, which: str) -> dict:
-    eval_dir = run_dir / "eval"
+    eval_dir = run_dir / ("eval" if which == "last" else f"eval_{which}")
     report = json.loads((eval_dir / "accuracy.json").read_text())
     ckpt = torch.load(run_dir / f"{which}.ckpt", map_location="cpu", weights_only=True)
 
@@ -107,6 +107,16 @@ def test_evaluate_in_process(tiny_run, tmp_path):
     results = evaluate_in_process(run_dir, "checkpoint=last")
     report = check_outputs(run_dir, "last")
     assert json.loads(json.dumps(results["accuracy"], default=float)) == report["results"]
+
+
+def test_another_checkpoint_is_evaluated_beside_the_last(tiny_run, tmp_path):
+    """checkpoint=best writes eval_best/, so it never overwrites the last checkpoint's eval/."""
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    evaluate_in_process(run_dir, "checkpoint=last")
+    before = (run_dir / "eval" / "accuracy.json").read_text()
+    evaluate_in_process(run_dir, "checkpoint=best")
+    check_outputs(run_dir, "best")
+    assert (run_dir / "eval" / "accuracy.json").read_text() == before
 
 
 def test_evaluated_accuracy_matches_training_validation(tiny_run, tmp_path):
@@ -221,7 +231,7 @@ def test_broken_input_exits_2_with_one_error_line(kind, tiny_run, tmp_path, caps
     assert re.search(message, lines[0]), lines[0]
     if sentinel is not None:
         assert not sentinel.exists(), "the checkpoint was unpickled"
-    assert not (run_dir / "eval").exists()
+    assert not (run_dir / "eval").exists() and not (run_dir / "eval_best").exists()
 
 
 def test_run_is_required(capsys):

@@ -43,13 +43,21 @@ def evaluate_run(cfg: DictConfig) -> dict:
         model=model.to(device),
         task=task,
         data=build_streams(run_cfg, task, model, eval_batch_size=cfg.batch_size)[0],
-        out_dir=run_dir / "eval",
+        out_dir=eval_dir(run_dir, str(cfg.checkpoint)),
         device=device,
         writer=_writer(run_dir),
         step=step,
         info={"run": str(run_dir), "checkpoint": str(cfg.checkpoint), "step": step},
     )
     return run_evaluators(ctx, evaluators)
+
+
+def eval_dir(run_dir: Path, checkpoint: str) -> Path:
+    """Where a run's evaluation goes: ``eval/`` for its last checkpoint, ``eval_<name>/`` for any
+    other (``best``, a phase checkpoint such as ``phase1_image``), so evaluations of the phases of
+    one run sit side by side."""
+    name = Path(checkpoint).stem
+    return run_dir / ("eval" if name == "last" else f"eval_{name}")
 
 
 def _writer(run_dir: Path):
