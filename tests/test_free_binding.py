@@ -282,3 +282,26 @@ def test_init_from_a_text_run_starts_the_language_model_of_an_image_run(tiny_run
         torch.testing.assert_close(model.backbone.state_dict()[key], value, msg=key)
     for key, value in model.projector.state_dict().items():
         torch.testing.assert_close(value, projector[key])
+
+
+def test_interventions_run_on_drawn_pairs(tiny_run, tmp_path):
+    """The interventions evaluator with modality=image builds drawn pairs through the image
+    stream (features of both pictures), patches them like text pairs and writes its outputs."""
+    from lab.build import build_model, build_streams, build_task
+    from lab.eval.base import EvalContext
+    from lab.eval.interventions import InterventionsEvaluator
+
+    cfg = tiny_cfg("experiment=image_text", "encoder.weights=random", "regime.data.image.feature_cache_dir=null",
+                   "regime.data.image.pool_size=8", "task.id_objects=[3,4]", "task.ood_objects=[5,6]")
+    task = build_task(cfg)
+    model = build_model(cfg, task).eval()
+    data = build_streams(cfg, task, model)[0]
+    ctx = EvalContext(model=model, task=task, data=data, out_dir=tmp_path / "eval")
+    specs, base, counter = ctx.pairs("id", 6, modality="image")
+    assert base.tokens.shape == counter.tokens.shape and base.image_features.shape == counter.image_features.shape
+    assert not torch.equal(base.image_features, counter.image_features)   # different objects in the same boxes
+    torch.testing.assert_close(base.tokens[:, :-1][base.tokens[:, :-1] == task.vocab["[IMG]"]],
+                               counter.tokens[:, :-1][counter.tokens[:, :-1] == task.vocab["[IMG]"]])
+    result = InterventionsEvaluator(n_pairs=6, modality="image", only_correct=False, plots=False)(ctx)
+    assert result["modality"] == "image" and result["results"]["id"]["n_pairs"] == 6
+    assert (tmp_path / "eval" / "interventions.json").is_file()
