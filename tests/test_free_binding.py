@@ -305,3 +305,39 @@ def test_interventions_run_on_drawn_pairs(tiny_run, tmp_path):
     result = InterventionsEvaluator(n_pairs=6, modality="image", only_correct=False, plots=False)(ctx)
     assert result["modality"] == "image" and result["results"]["id"]["n_pairs"] == 6
     assert (tmp_path / "eval" / "interventions.json").is_file()
+
+
+def test_attention_measure_does_not_read_scattered_heads_as_a_lookup():
+    """Two heads, each attending fully to the queried colour on a random half of the prompts
+    and to another colour on the rest, put 0.5 on the target on average: the measure says 0.5
+    (a max over heads per prompt would say 1.0)."""
+    from lab.data.datamodule import TextDataModule
+    from lab.models.interface import Stream
+    from lab.train.callbacks import attention_to_targets
+
+    task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=(2, 4), ood_objects=(5, 6), seed=0)
+    batch = TextDataModule(task, batch_size=64).train_batch(0)
+    B, T = batch.tokens.shape
+    rows = torch.arange(B)
+    q = batch.objects["query_object"]
+    target = batch.roles["context_color"][rows, q]
+    other = batch.roles["context_color"][rows, (q + 1) % batch.n_objects]
+    hit = torch.rand(B, generator=torch.Generator().manual_seed(0)) < 0.5
+    pattern = torch.zeros(B, 2, T, T)
+    pattern[rows, 0, batch.answer_pos, torch.where(hit, target, other)] = 1.0
+    pattern[rows, 1, batch.answer_pos, torch.where(hit, other, target)] = 1.0
+
+    class Fixed(torch.nn.Module):
+        n_layers = 1
+
+        def embed(self, batch):
+            return Stream(h=torch.zeros(B, T, 4), attend=batch.attend, positions=torch.zeros(B, T, dtype=torch.long))
+
+        def block(self, layer, stream):
+            stream.extra["patterns"].append(pattern)
+            return stream.h
+
+    values = attention_to_targets(Fixed(), batch)
+    share = float(hit.float().mean())
+    assert values["attn/ctx_color_l0"] == pytest.approx(max(share, 1 - share), abs=1e-6)  # the better head
+    assert 0.35 < values["attn/ctx_color_max"] < 0.65

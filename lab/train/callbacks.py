@@ -79,7 +79,7 @@ class AttentionProgress(L.Callback):
     """A measure that moves while the loss is flat: at every validation, how much the evaluated
     query attends to the tokens a two-hop circuit must read, on ``n`` fixed ID text prompts.
 
-    Per layer l (max over heads, mean over prompts), the attention from the query position to
+    Per layer l (mean over prompts, then the best head), the attention from the query position to
     the queried object's context colour (``attn/ctx_color_l{l}``) and context shape
     (``attn/ctx_shape_l{l}``), and to the association of its shape (``attn/assoc_shape_l{l}``,
     ``attn/assoc_item_l{l}``); chance for each is about 1 / (prompt length). The largest over
@@ -132,7 +132,9 @@ def attention_to_targets(model, batch) -> dict[str, float]:
     }
     out = {}
     for name, key in keys.items():
-        per_layer = [float(p[rows, :, batch.answer_pos, key].amax(1).mean()) for p in patterns]
+        # mean over prompts per head, then the best head: a max per prompt would pick whichever
+        # head happens to hit the target and read chance-level attention as a lookup
+        per_layer = [float(p[rows, :, batch.answer_pos, key].mean(0).amax()) for p in patterns]
         out.update({f"attn/{name}_l{l}": round(v, 6) for l, v in enumerate(per_layer)})
         out[f"attn/{name}_max"] = round(max(per_layer), 6)
     return out
