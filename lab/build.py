@@ -29,6 +29,7 @@ from lab.models.lora import is_adapter_parameter
 from lab.models.visual import Projector, VisionTextModel, build_encoder, check_encoder_name
 from lab.train import encoder_pretrain
 from lab.train.module import TrainingModule
+from lab.train.objectives import step_window
 from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
 from tasks.protocol import TaskConfigError
 
@@ -228,14 +229,7 @@ def check_train_settings(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise LabError(message)
-    fade = t.get("shift_fade")
-    if fade is not None:
-        try:
-            start, end = (int(v) for v in fade)
-        except (TypeError, ValueError):
-            raise LabError(f"train.shift_fade must be null or [start, end] steps, got {fade!r}") from None
-        if not 0 <= start <= end:
-            raise LabError(f"train.shift_fade={[start, end]} needs 0 <= start <= end")
+    if step_window(t.get("shift_fade"), "train.shift_fade") is not None:
         if not cfg.model.get("token_shift"):
             raise LabError("train.shift_fade fades the token shift, but model.token_shift is false; "
                            "set model.token_shift=true (or associations), or drop train.shift_fade")

@@ -108,14 +108,19 @@ class Objective(nn.Module):
 
 
 def _anneal(anneal, name: str):
-    if anneal is None:
+    return step_window(anneal, f"objective.{name}.anneal")
+
+
+def step_window(value, key: str) -> tuple[int, int] | None:
+    """``None``, or a checked ``(start, end)`` pair of global steps for the setting ``key``."""
+    if value is None:
         return None
     try:
-        start, end = (int(v) for v in anneal)
+        start, end = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise LabError(f"objective.{name}.anneal must be null or [start, end] steps, got {anneal!r}") from None
+        raise LabError(f"{key} must be null or [start, end] steps, got {value!r}") from None
     if not 0 <= start <= end:
-        raise LabError(f"objective.{name}.anneal={[start, end]} needs 0 <= start <= end")
+        raise LabError(f"{key}={[start, end]} needs 0 <= start <= end")
     return start, end
 
 
