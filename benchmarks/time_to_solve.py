@@ -63,7 +63,7 @@ RECIPES: dict[str, list[str]] = {
     "ti_assoc_mid4_anneal": ["recipe=plain", _TORCH, _ASSOC, _MID, "task.train_queries=4",
                              "objective.intermediate.anneal=[1000,1500]"],
     "sc_assoc_mid4": ["recipe=plain", "model.init=scaled", _ASSOC, _MID, "task.train_queries=4"],
-    "free_binding": ["recipe=free_binding"],
+    "free_binding": ["recipe=free_binding"],  # = sc_assoc_mid4 (ti_assoc_mid4 before the init study)
     "positional_control": ["recipe=positional_control"],
     "onehop_ti": ["task=one_hop", "recipe=plain", _TORCH],
     "onehop_scaled": ["task=one_hop", "recipe=plain", "model.init=scaled"],

@@ -214,7 +214,7 @@ def test_image_pairs_predictions_follow_from_the_pixels():
 def test_recipes_compose(recipe):
     cfg = compose_cfg("train", [f"recipe={recipe}"])
     model = cfg.model
-    assert model.token_shift in (False, "associations") and model.init == "torch"
+    assert model.token_shift in (False, "associations") and model.init in ("torch", "scaled")
     cfg_image = compose_cfg("train", [f"recipe={recipe}", "experiment=image_text"])
     assert cfg_image.model.token_shift == model.token_shift
 
