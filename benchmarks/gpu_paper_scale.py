@@ -15,7 +15,6 @@ GPU curve is comparable step for step with the CPU runs in docs/learning.md).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -23,19 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from time_to_solve import first_crossing, read_jsonl  # noqa: E402
+
 ARMS = {"plain": ["recipe=plain"], "free_binding": ["recipe=free_binding"]}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
-def first_at(metrics, times, threshold):
-    for record in metrics:
-        if record.get("val/text_id_acc", 0) >= threshold:
-            wall = times.get(record["step"], {}).get("wall_s")
-            return record["step"], wall, record.get("val/text_ood_acc")
-    return None, None, None
 
 
 def summarise(runs: dict[str, Path], out: Path) -> None:
@@ -49,9 +39,9 @@ def summarise(runs: dict[str, Path], out: Path) -> None:
         last = metrics[-1] if metrics else {}
         cells = [arm, last.get("step", "-"), last.get("val/text_id_acc", "-"), last.get("val/text_ood_acc", "-")]
         for threshold in (0.9, 0.99):
-            step, wall, ood = first_at(metrics, times, threshold)
-            cells += [step or "-", "-" if wall is None else f"{wall / 60:.1f}"]
-        cells.append("-" if ood is None else ood)
+            hit = first_crossing(metrics, times, "val/text_id_acc", "val/text_ood_acc", threshold)
+            cells += [hit["step"] or "-", "-" if hit["wall_s"] is None else f"{hit['wall_s'] / 60:.1f}"]
+        cells.append("-" if hit["ood"] is None else hit["ood"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -108,7 +108,8 @@ def check_checkpoint_matches(checkpoint: dict, task, path, same_task: bool = Tru
     meta = checkpoint.get("lab_meta")
     if meta is None:
         raise LabError(f"{path} has no lab metadata; it was not written by this lab's train.py")
-    if not same_task and list(meta["vocab"]) == list(task.vocab.tokens):
+    same_vocab = list(meta["vocab"]) == list(task.vocab.tokens)
+    if same_vocab and (meta["task"] == task.name or not same_task):
         return
     if not same_task:
         raise LabError(
@@ -116,8 +117,7 @@ def check_checkpoint_matches(checkpoint: dict, task, path, same_task: bool = Tru
             f"from this run's (task {task.name!r}, {len(task.vocab)} tokens); init_from needs the same vocabulary "
             "token for token (the same n_colors, n_shapes and n_items)"
         )
-    if meta["task"] != task.name or list(meta["vocab"]) != list(task.vocab.tokens):
-        raise LabError(
-            f"{path} was trained on task {meta['task']!r} with a {len(meta['vocab'])}-token vocabulary, but the run "
-            f"config describes task {task.name!r} with {len(task.vocab)} tokens; use the checkpoint of this run"
-        )
+    raise LabError(
+        f"{path} was trained on task {meta['task']!r} with a {len(meta['vocab'])}-token vocabulary, but the run "
+        f"config describes task {task.name!r} with {len(task.vocab)} tokens; use the checkpoint of this run"
+    )

@@ -11,7 +11,8 @@ from conftest import compose_cfg, tiny_cfg
 
 from lab.errors import LabError
 from lab.models.backbone import Backbone, ModelConfigError
-from lab.train.module import TrainingModule, shift_fade_scale
+from lab.train.module import TrainingModule
+from lab.train.objectives import linear_fade
 from lab.train.run import train
 from tasks.retrieval import RetrievalTask
 
@@ -113,7 +114,7 @@ def test_association_shift_on_real_prompts_leaves_the_context_alone():
 
 # --------------------------------------------------------------------------------- fade
 def test_shift_fade_scale_and_a_faded_model_is_the_plain_one():
-    assert [shift_fade_scale((10, 20), s) for s in (0, 10, 15, 20, 30)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert [linear_fade((10, 20), s) for s in (0, 10, 15, 20, 30)] == [1.0, 1.0, 0.5, 0.0, 0.0]
     torch.manual_seed(0)
     shifted = Backbone(**SMALL, token_shift=True)
     plain = Backbone(**SMALL)

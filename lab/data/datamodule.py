@@ -90,6 +90,12 @@ class TextDataModule(L.LightningDataModule):
         """Fixed evaluation batches; always clean (no noise tokens), whatever training uses."""
         return Batched(self.task.eval_set(split, noise=False), self.eval_batch_size, self.collate)
 
+    def pairs(self, split: str, n: int, seed: int = 0, **options):
+        """The task's counterfactual pairs (``task.counterfactual_pairs``): (specs, base batch,
+        counterfactual batch)."""
+        specs = self.task.counterfactual_pairs(split, n, seed=seed, **options)
+        return specs, self.collate([p.base for p in specs]), self.collate([p.counterfactual for p in specs])
+
     def train_dataloader(self) -> DataLoader:
         return _loader(self.train_stream)
 

@@ -123,12 +123,11 @@ class ImageDataModule(L.LightningDataModule):
             self._eval[split] = Batched(self.images.eval_set(split), self.eval_batch_size, self.collate)
         return self._eval[split]
 
-    def pairs(self, split: str, n: int, seed: int = 0, **options):
+    def pairs(self, split: str, n: int, seed: int = 0, n_objects: int | None = None):
         """Counterfactual pairs with drawn contexts (:meth:`ImageRetrieval.counterfactual_pairs`):
         (specs, base batch, counterfactual batch), the pictures encoded like evaluation pictures."""
-        options = dict(options)
-        group = f"pairs_{split}_s{seed}_n{n}" + (f"_k{options['n_objects']}" if options.get("n_objects") else "")
-        specs = self.images.counterfactual_pairs(split, n, seed, group=group, **options)
+        group = f"pairs_{split}_s{seed}_n{n}" + (f"_k{n_objects}" if n_objects else "")
+        specs = self.images.counterfactual_pairs(split, n, seed, n_objects, group=group)
         for role in ("base", "counterfactual"):
             self._pair_contexts[f"{group}_{role}"] = [getattr(p, role).context for p in specs]
         return specs, self.collate([p.base for p in specs]), self.collate([p.counterfactual for p in specs])

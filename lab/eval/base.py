@@ -64,20 +64,14 @@ class EvalContext:
         return [(modality, split) for modality in self.choose_modalities(modalities) for split in splits]
 
     def pairs(self, split: str, n: int, seed: int = 0, modality: str = "text", **options):
-        """Paired (base, counterfactual) batches drawn by the task (``task.counterfactual_pairs``),
-        collated like the context's other batches and on its device; with the pair specs. A data
-        stream with pairs of its own (drawn contexts: ``ImageDataModule.pairs``) makes them."""
-        own = getattr(self.data[modality], "pairs", None)
-        if own is not None:
-            specs, base, counter = own(split, n, seed=seed, **options)
-            return specs, to_device(base, self.device), to_device(counter, self.device)
-        make = getattr(self.task, "counterfactual_pairs", None)
-        if make is None:
+        """Paired (base, counterfactual) batches of the task (``task.counterfactual_pairs``), made by
+        the modality's data stream (text prompts, or drawn contexts: ``ImageDataModule.pairs``) and
+        on the context's device; with the pair specs."""
+        make = getattr(self.data[modality], "pairs", None)
+        if make is None or getattr(self.task, "counterfactual_pairs", None) is None:
             raise LabError(f"task {self.task.name!r} does not define counterfactual pairs")
-        specs = make(split, n, seed=seed, **options)
-        collate = self.data[modality].collate
-        return specs, to_device(collate([p.base for p in specs]), self.device), to_device(
-            collate([p.counterfactual for p in specs]), self.device)
+        specs, base, counter = make(split, n, seed=seed, **options)
+        return specs, to_device(base, self.device), to_device(counter, self.device)
 
     def batches(self, split: str, modality: str = "text") -> Iterator[dict]:
         """Fixed evaluation batches of a split, on the context's device."""

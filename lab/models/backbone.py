@@ -190,7 +190,7 @@ class Backbone(ResidualModel):
         if min(n_layers, d_model, n_heads, d_ff, max_len) < 1 or not 0.0 <= dropout < 1.0:
             raise ModelConfigError("model sizes must be >= 1 and model.dropout in [0, 1)")
         self.n_layers, self.d_model, self.max_len, self.pos_encoding = n_layers, d_model, max_len, pos_encoding
-        self.init, self.token_shift = init, token_shift
+        self.token_shift = token_shift
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.shift = nn.Linear(d_model, d_model, bias=False) if token_shift else None
         if self.shift is not None:

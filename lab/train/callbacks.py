@@ -86,10 +86,9 @@ class AttentionProgress(L.Callback):
     layers is also written (``attn/<target>_max``). Added to ``metrics.jsonl`` and TensorBoard.
     """
 
-    TARGETS = ("ctx_color", "ctx_shape", "assoc_shape", "assoc_item")
-
     def __init__(self, n: int = 128) -> None:
         self.n = int(n)
+        self._batch = None  # the fixed prompts, collated once
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -97,9 +96,10 @@ class AttentionProgress(L.Callback):
         text = getattr(trainer.datamodule, "data", {}).get("text")
         if text is None or not hasattr(text, "task"):
             return
-        batch = text.eval_batches(text.task.splits[0])[0]
-        batch = batch.to(pl_module.device).rows(torch.arange(min(self.n, len(batch))))
-        values = attention_to_targets(pl_module.model, batch)
+        if self._batch is None:
+            batch = text.eval_batches(text.task.splits[0])[0]
+            self._batch = batch.to(pl_module.device).rows(torch.arange(min(self.n, len(batch))))
+        values = attention_to_targets(pl_module.model, self._batch)
         pl_module.last_val_metrics.update(values)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_scalar"):

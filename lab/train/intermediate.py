@@ -26,6 +26,15 @@ from lab.train.objectives import LabelledRun, Objective
 SPACES = ("readout", "embedding", "probe")
 
 
+def middle_layer(model, layer: int | None, n_layers: int | None, name: str) -> int:
+    """The residual-stream layer a part reads: ``layer``, or the middle one (``n_layers // 2``)."""
+    n_layers = model.n_layers if n_layers is None else n_layers
+    layer = n_layers // 2 if layer is None else layer
+    if not 0 <= layer <= n_layers:
+        raise LabError(f"objective.{name}.layer={layer} must lie in 0..{n_layers} (the model's layers)")
+    return int(layer)
+
+
 class IntermediateSupervision(Objective):
     """Cross-entropy of ``readout(h_layer)`` at the query positions against the queried shape."""
 
@@ -35,13 +44,10 @@ class IntermediateSupervision(Objective):
                  space: str = "readout", n_layers: int | None = None, start: int = 0,
                  batches: str = "all") -> None:
         super().__init__(weight, anneal, "intermediate", start, batches)
-        n_layers = model.n_layers if n_layers is None else n_layers
-        layer = n_layers // 2 if layer is None else layer
-        if not 0 <= layer <= n_layers:
-            raise LabError(f"objective.intermediate.layer={layer} must lie in 0..{n_layers} (the model's layers)")
+        layer = middle_layer(model, layer, n_layers, "intermediate")
         if space not in SPACES:
             raise LabError(f"objective.intermediate.space={space!r} is unknown; choose one of {', '.join(SPACES)}")
-        self.layer, self.space = int(layer), space
+        self.layer, self.space = layer, space
         self.layers = (self.layer,)
         if space == "probe":
             embedding = model.token_embedding()
@@ -91,11 +97,8 @@ class SlotSupervision(Objective):
     def __init__(self, model=None, task=None, weight: float = 1.0, layer: int | None = None, anneal=None,
                  n_layers: int | None = None, start: int = 0, batches: str = "all") -> None:
         super().__init__(weight, anneal, "slot", start, batches)
-        n_layers = model.n_layers if n_layers is None else n_layers
-        layer = n_layers // 2 if layer is None else layer
-        if not 0 <= layer <= n_layers:
-            raise LabError(f"objective.slot.layer={layer} must lie in 0..{n_layers} (the model's layers)")
-        self.layer, self.layers = int(layer), (int(layer),)
+        self.layer = middle_layer(model, layer, n_layers, "slot")
+        self.layers = (self.layer,)
         self.shape0 = int(task.vocab["shape_0"])
         d_model = int(model.token_embedding().shape[1])
         self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, int(task.max_objects)))

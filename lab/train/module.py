@@ -11,7 +11,7 @@ from torch import nn
 
 from lab.errors import LabError
 from lab.models.interface import ResidualModel
-from lab.train.objectives import AnswerLoss, labelled_run
+from lab.train.objectives import AnswerLoss, labelled_run, linear_fade
 
 
 class NonFiniteLossError(LabError):
@@ -34,17 +34,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def shift_fade_scale(window: tuple[int, int], step: int) -> float:
-    """Scale of the token shift at ``step`` under a fade ``window`` = (start, end): 1 before
-    start, 0 from end on, linear in between."""
-    start, end = window
-    if step < start:
-        return 1.0
-    if step >= end:
-        return 0.0
-    return (end - step) / (end - start)
 
 
 def set_shift_scale(model: nn.Module, scale: float) -> None:
@@ -122,7 +111,7 @@ class TrainingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step, logging = self.global_step, self._logging_step()
         if self.shift_fade is not None:
-            scale = shift_fade_scale(self.shift_fade, step)
+            scale = linear_fade(self.shift_fade, step)
             set_shift_scale(self.model, scale)
             if logging:
                 self.log("train/shift_scale", scale)

@@ -81,14 +81,7 @@ class Objective(nn.Module):
         linearly to 0 over ``anneal``."""
         if step < self.start:
             return 0.0
-        if self.anneal is None:
-            return self.weight
-        start, end = self.anneal
-        if step < start:
-            return self.weight
-        if step >= end:
-            return 0.0
-        return self.weight * (end - step) / (end - start)
+        return self.weight * linear_fade(self.anneal, step)
 
     def fading(self, step: int) -> bool:
         """True while an annealed part has yet to finish (a phase cannot count as solved then)."""
@@ -105,6 +98,14 @@ class Objective(nn.Module):
 
     def loss(self, model, batch, out: LabelledRun) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def linear_fade(window: tuple[int, int] | None, step: int) -> float:
+    """1 before ``window`` = (start, end), 0 from end on, linear in between; 1 when there is none."""
+    if window is None or step < window[0]:
+        return 1.0
+    start, end = window
+    return 0.0 if step >= end else (end - step) / (end - start)
 
 
 def _anneal(anneal, name: str):
