@@ -95,6 +95,9 @@ def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> Res
     """The run's model: ``cfg.model`` sized for the task's vocabulary, plus a visual encoder and
     projector when a stream draws images. ``load_encoder_weights=False`` skips fetching (or
     pretraining) encoder weights, for when a run checkpoint that holds them is loaded next."""
+    if cfg.model.get("token_shift") == "associations" and not _has_role(task, "ctx_end"):
+        raise LabError(f"model.token_shift=associations acts from the prompt's [CTX_END] on, but task {task.name!r} "
+                       "has no [CTX_END] segment; use model.token_shift=true or false (or task=retrieval)")
     backbone = build(cfg.model, "model", vocab_size=len(task.vocab))
     longest = task.max_prompt_len
     if getattr(backbone, "max_len", longest) < longest:
@@ -104,6 +107,12 @@ def build_model(cfg: DictConfig, task, load_encoder_weights: bool = True) -> Res
     if not uses_images(cfg):
         return backbone
     return build_vision_model(cfg, backbone, task, load_encoder_weights)
+
+
+def _has_role(task, role: str) -> bool:
+    """Whether the task's prompts carry the token role ``role`` (read off its first training sample)."""
+    sample = task.train_batch(0, 1)[0]
+    return bool(getattr(sample, "roles", dict)().get(role))
 
 
 def init_from_run(model, source: str | Path, task) -> int:

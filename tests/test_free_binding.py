@@ -342,3 +342,13 @@ def test_attention_measure_does_not_read_scattered_heads_as_a_lookup():
     share = float(hit.float().mean())
     assert values["attn/ctx_color_l0"] == pytest.approx(max(share, 1 - share), abs=1e-6)  # the better head
     assert 0.35 < values["attn/ctx_color_max"] < 0.65
+
+
+def test_association_shift_on_a_task_without_ctx_end_is_refused_before_training(tmp_path):
+    """task=one_hop has no [CTX_END]: refused when the model is built, and the run directory is
+    not left behind."""
+    run = tmp_path / "hop"
+    with pytest.raises(LabError, match="task 'one_hop' has no \\[CTX_END\\] segment"):
+        train(tiny_cfg("task=one_hop", "task.n_colors=8", "task.n_shapes=8", "task.n_items=8", "task.id_objects=[2,3]",
+                       "task.ood_objects=[4,5]", "model.token_shift=associations"), run)
+    assert not run.exists()
