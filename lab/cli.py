@@ -41,6 +41,42 @@ def check_resume_argument(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+# Hydra flags that take a value; ``--config-name`` and friends switch the config, so the lab's
+# own check stands aside for them.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+_OTHER_CONFIG = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
+
+
+def command_line_overrides(argv: list[str]) -> list[str] | None:
+    """The ``key=value`` overrides of a command line (None when it selects another config)."""
+    overrides, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in _OTHER_CONFIG:
+            return None
+        elif arg in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Check the command line's overrides before Hydra composes them (:mod:`lab.overrides`);
+    a mistake is one ``error:`` line and exit code 2, with nothing written."""
+    from lab.overrides import check_overrides
+
+    overrides = command_line_overrides(argv)
+    if overrides is None:
+        return
+    try:
+        check_overrides(config_name, overrides)
+    except LabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def user_errors_exit(fn):
     """Run ``fn``; on a user error print ``error: <message>`` to stderr and exit with status 2."""
 
