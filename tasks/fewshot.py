@@ -30,6 +30,9 @@ right only for the topics whose benchmark rule happens to equal their pretrainin
 quarter of them in expectation): accuracy near chance. Each correct demonstration is evidence
 for the rule: accuracy rises with k. SFT on zero-shot benchmark
 prompts (``train_on=sft``) can reach the same accuracy by learning each topic's benchmark rule.
+Batches carry ``objects["prior_answer"]``, the token id of the letter the topic's pretraining rule
+picks (the memorised answer; the benchmark answer too when the two rules agree), so evaluators can
+set the prior against the in-context answer.
 Details and the reasoning in docs/fewshot.md.
 """
 from __future__ import annotations
@@ -56,6 +59,7 @@ class FewShotSample:
     topic: int
     rule: int
     letter: int                     # index of the correct letter
+    prior_answer: int = -1          # token id of the letter the topic's pretraining rule picks
     demo_answer_positions: list[int] = field(default_factory=list)   # each demonstration's letter
     header_positions: list[int] = field(default_factory=list)
     query_block: tuple[int, int] = (0, 0)                            # [start, end) of the query block
@@ -77,7 +81,8 @@ class FewShotSample:
         }
 
     def objects(self) -> dict:
-        return {"topic": self.topic, "answer_letter": self.letter, "rule": self.rule, "shots": self.n_objects}
+        return {"topic": self.topic, "answer_letter": self.letter, "rule": self.rule, "shots": self.n_objects,
+                "prior_answer": self.prior_answer}
 
 
 class FewShotTask:
@@ -195,14 +200,16 @@ class FewShotTask:
             followups.append((start + BLOCK_LEN - 2, self.vocab[LETTERS[shown]]))
             shown_classes.append((start + BLOCK_LEN - 1, self.vocab[f"value_{values[shown] % 4}"]))
         questions = self._heldout_questions[topic] if heldout else self._train_questions[topic]
-        block, letter, _ = self._block(rng, topic, rule, questions)
+        block, letter, values = self._block(rng, topic, rule, questions)
+        prior_letter = [v % 4 for v in values].index(int(self.pretrain_rule[topic]))
         start = len(tokens)
         tokens += block
         followups = followups if self.train_queries > 1 else []
         rule_token = self.vocab[f"value_{rule}"]
         return FewShotSample(
             tokens=tokens, answer=self.vocab[LETTERS[letter]], n_objects=shots, query_position=len(tokens) - 1,
-            topic=topic, rule=rule, letter=letter, demo_answer_positions=demo_answers,
+            topic=topic, rule=rule, letter=letter, prior_answer=self.vocab[LETTERS[prior_letter]],
+            demo_answer_positions=demo_answers,
             header_positions=header_positions, query_block=(start, len(tokens)),
             followup_answers=followups,
             intermediate_labels=[(len(tokens) - 1, rule_token)] + [(p, rule_token) for p, _ in followups] + shown_classes,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lab.errors import LabError
 from lab.models.interface import ResidualModel, Stream, attention_mask
+from lab.models.probe import scaled_softmax
 
 POSITIONAL_ENCODINGS = ("rope", "learned", "none")
 INITS = ("gpt2", "torch", "scaled")
@@ -49,17 +50,25 @@ class Attention(nn.Module):
         mask = stream.extra.get("mask")
         if mask is None or stream.knockout is not None:
             mask = attention_mask(stream)
-        patterns = stream.extra.get("patterns")
-        if patterns is not None:  # the slow path, on request: the attention pattern of every head
+        patterns, probe = stream.extra.get("patterns"), stream.extra.get("probe")
+        if patterns is not None or (probe is not None and probe.slow):
+            # the slow path, on request: every head's attention weights (and any scaling of them)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            patterns.append(weights)
+            weights = scaled_softmax(scores.masked_fill(~mask, float("-inf")), probe and probe.scale,
+                                     probe.layer if probe else 0).to(v.dtype)
+            if patterns is not None:
+                patterns.append(weights)
+            if probe is not None:
+                probe.keep_patterns(weights)
             out = weights @ v
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
             )
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+        out = out.transpose(1, 2)  # [B, T, H, hd]
+        if probe is not None:
+            probe.keep_heads(out, self.proj.weight, self.proj.bias)
+        return self.proj(out.reshape(B, T, D))
 
 
 class Block(nn.Module):
@@ -72,8 +81,13 @@ class Block(nn.Module):
 
     def forward(self, stream: Stream) -> Tensor:
         h = stream.h
-        h = h + self.drop(self.attn(self.ln1(h), stream))
-        return h + self.drop(self.mlp(self.ln2(h)))
+        attn = self.drop(self.attn(self.ln1(h), stream))
+        h = h + attn
+        mlp = self.drop(self.mlp(self.ln2(h)))
+        probe = stream.extra.get("probe")
+        if probe is not None:
+            probe.keep_writes(attn, mlp)
+        return h + mlp
 
 
 def previous_attendable(attend: Tensor) -> Tensor:
@@ -136,7 +150,8 @@ def _default_shift_scale(state_dict, prefix, *args) -> None:
 
 
 class Backbone(ResidualModel):
-    """The lab's transformer. ``embed`` also accepts precomputed input embeddings for
+    """The lab's transformer (it records per-head writes, patterns and scales attention on
+    request: :mod:`lab.models.probe`). ``embed`` also accepts precomputed input embeddings for
     placeholder tokens (``embed(batch, inject=(values, mask))``),
     which is how projected image tokens enter the residual stream.
 
@@ -157,6 +172,8 @@ class Backbone(ResidualModel):
     ``scaled``: linear weights N(0, 1 / fan_in) (std 1 / sqrt(fan_in)), residual writes also divided
     by sqrt(2 L), biases zero, embeddings N(0, 1).
     """
+
+    supports_probe = True
 
     def __init__(
         self,
@@ -238,3 +255,6 @@ class Backbone(ResidualModel):
 
     def token_embedding(self) -> Tensor:
         return self.tok_emb.weight
+
+    def readout_parts(self) -> tuple[nn.Module, Tensor, None]:
+        return self.ln_f, self.head.weight, None

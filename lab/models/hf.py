@@ -8,6 +8,11 @@
   stream carries an attention knockout;
 - ``readout(h)``: final norm + ``lm_head``.
 
+Per-head and MLP writes, attention patterns and attention scaling (:mod:`lab.models.probe`) are
+recorded by hooks and a registered attention function (:mod:`lab.models.hf_probe`); the plain
+path is untouched when nothing is asked. OLMo-2 normalises the attention output after summing
+the heads, so it has no per-head writes (a LabError says so); its block writes are recorded.
+
 Supported families (``config.model_type``): gpt2, gpt_neox (Pythia), llama, mistral, qwen2,
 olmo, olmo2. The adapter builds the attention mask itself (causal & attendable keys & not
 knocked out, plus the sliding window of layers that use one), as a float additive mask, which
@@ -42,17 +47,26 @@ class Family:
     learned_positions: str | None = None   # GPT-2's wpe
     rotary: str | None = None              # module producing (cos, sin) position_embeddings
     embed_dropout: str | None = None
+    # inside a decoder layer (lab.models.hf_probe): the attention module, the module whose output is
+    # the attention write (its input holds the head outputs unless post_norm), the MLP write
+    attn: str = "self_attn"
+    attn_write: str = "self_attn.o_proj"
+    mlp_write: str = "mlp"
+    conv1d: bool = False                   # GPT-2's Conv1D output projection (weight [in, out])
+    post_norm: bool = False                # a norm after attention: the heads' writes do not add up
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(embed="wte", layers="h", norm="ln_f", learned_positions="wpe", embed_dropout="drop"),
+    "gpt2": Family(embed="wte", layers="h", norm="ln_f", learned_positions="wpe", embed_dropout="drop",
+                   attn="attn", attn_write="attn.c_proj", conv1d=True),
     "gpt_neox": Family(embed="embed_in", layers="layers", norm="final_layer_norm", rotary="rotary_emb",
-                       embed_dropout="emb_dropout"),
+                       embed_dropout="emb_dropout", attn="attention", attn_write="attention.dense"),
     "llama": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb"),
     "mistral": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb"),
     "qwen2": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb"),
     "olmo": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb"),
-    "olmo2": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb"),
+    "olmo2": Family(embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb",
+                    attn_write="post_attention_layernorm", mlp_write="post_feedforward_layernorm", post_norm=True),
 }
 
 _TINY = dict(vocab_size=128, hidden=32, layers=3, heads=4, inter=64, max_pos=256)
@@ -87,6 +101,8 @@ def _getattr_path(obj, name: str):
 
 class HFModel(ResidualModel):
     """A transformers causal LM as a stack of residual blocks."""
+
+    supports_probe = True
 
     def __init__(self, hf_model, tokenizer=None, source: str = "") -> None:
         super().__init__()
@@ -209,11 +225,22 @@ class HFModel(ResidualModel):
         kwargs = {"attention_mask": mask, "position_ids": stream.positions}
         if "position_embeddings" in stream.extra:
             kwargs["position_embeddings"] = stream.extra["position_embeddings"]
-        out = self.layers[layer](stream.h, **kwargs)
+        probe = stream.extra.get("probe")
+        if probe is not None:
+            from lab.models.hf_probe import probing
+
+            with probing(self, layer, probe):
+                out = self.layers[layer](stream.h, **kwargs)
+        else:
+            out = self.layers[layer](stream.h, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def readout(self, h: Tensor) -> Tensor:
         return self.hf.get_output_embeddings()(_getattr_path(self.base, self.family.norm)(h))
+
+    def readout_parts(self):
+        head = self.hf.get_output_embeddings()
+        return _getattr_path(self.base, self.family.norm), head.weight, getattr(head, "bias", None)
 
 
 def _read_config(path: Path) -> dict:

@@ -3,7 +3,9 @@
 A model exposes ``embed(batch) -> Stream``, ``block(l, stream) -> h_{l+1}`` and
 ``readout(h) -> logits``. :class:`ResidualModel` builds the shared primitives on top: skipping
 blocks, capturing h_l, editing/patching h_l, starting from a cached h_l and knocking out attention
-to chosen key positions. Subclasses only implement the three methods.
+to chosen key positions. Subclasses only implement the three methods; models that can also
+record per-head and MLP writes, attention patterns, or scale attention (:mod:`lab.models.probe`)
+set ``supports_probe`` and read ``stream.extra["probe"]`` in their blocks.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from lab.errors import LabError
+from lab.models.probe import AttentionScale, Probe, check_records, require_probe
 
 Edit = Callable[[Tensor], Tensor]
 
@@ -39,6 +44,7 @@ class RunOutput:
     logits: Tensor                         # [B, V] at ``positions`` if given, else [B, T, V]
     captured: dict[int, Tensor]            # layer -> h_l (full [B, T, D])
     stream: Stream                         # the final stream (h_L, after any edit at layer L)
+    records: dict[int, dict] = field(default_factory=dict)  # layer -> what ``record`` asked for
 
 
 def attention_mask(stream: Stream) -> Tensor:
@@ -71,6 +77,7 @@ class ResidualModel(nn.Module):
     """Base class: a stack of blocks over a residual stream, with the shared primitives."""
 
     n_layers: int
+    supports_probe: bool = False   # blocks honour stream.extra["probe"] (lab.models.probe)
 
     def embed(self, batch: Mapping[str, Tensor]) -> Stream:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -84,6 +91,11 @@ class ResidualModel(nn.Module):
     def token_embedding(self) -> Tensor | None:
         """The input token embedding matrix [V, D], or None if the model has none to offer."""
         return None
+
+    def readout_parts(self) -> tuple[nn.Module | None, Tensor, Tensor | None]:
+        """(final norm, unembedding [V, D], readout bias [V] or None): ``readout(h)`` is
+        ``norm(h) @ W.T + bias``. Needed by direct logit attribution."""
+        raise LabError(f"{type(self).__name__} does not expose its final norm and unembedding")
 
     # ------------------------------------------------------------------ primitives
     def run(
@@ -99,6 +111,9 @@ class ResidualModel(nn.Module):
         positions: Tensor | None = None,
         knockout: Tensor | None = None,
         knockout_layers: Iterable[int] | None = None,
+        record: Iterable[str] = (),
+        record_at: Tensor | None = None,
+        scale: AttentionScale | None = None,
     ) -> RunOutput:
         """Run blocks ``start..stop-1`` over the residual stream and read out.
 
@@ -111,6 +126,9 @@ class ResidualModel(nn.Module):
         - ``knockout`` [B, T, T] bool blocks attention pairs in ``knockout_layers`` (default all).
         - ``stop``: last layer to reach (default L); with ``stop < L`` the logits are those of
           the readout applied to h_stop (a logit lens).
+        - ``record``: any of ``patterns``, ``heads``, ``writes`` (:mod:`lab.models.probe`), returned
+          per block in ``RunOutput.records``; ``record_at`` [B] keeps only those query positions.
+        - ``scale``: an :class:`~lab.models.probe.AttentionScale` applied in the blocks it names.
         """
         if stream is None:
             if batch is None:
@@ -119,7 +137,11 @@ class ResidualModel(nn.Module):
         stop = self.n_layers if stop is None else stop
         skip, capture, edits = set(skip), set(capture), dict(edits or {})
         ko_layers = None if knockout_layers is None else set(knockout_layers)
+        record = check_records(record)
+        if record or scale is not None:
+            require_probe(self, "recording attention internals or scaling attention")
         captured: dict[int, Tensor] = {}
+        records: dict[int, dict] = {}
         h = stream.h
         for layer in range(start, stop + 1):
             if layer in edits:
@@ -132,13 +154,19 @@ class ResidualModel(nn.Module):
                 continue
             ko = knockout if (knockout is not None and (ko_layers is None or layer in ko_layers)) else None
             state = replace(stream, h=h, knockout=ko if ko is not None else stream.knockout)
+            layer_scale = scale if scale is not None and scale.applies(layer) else None
+            if record or layer_scale is not None:
+                probe = Probe(layer, record, layer_scale, record_at)
+                state.extra = {**stream.extra, "probe": probe}
+                if record:
+                    records[layer] = probe.out
             h = self.block(layer, state)
         final = stream.with_h(h)
         if positions is not None and positions.dtype == torch.bool:
             h = h[positions]
         elif positions is not None:
             h = h[torch.arange(h.shape[0], device=h.device), positions]
-        return RunOutput(logits=self.readout(h), captured=captured, stream=final)
+        return RunOutput(logits=self.readout(h), captured=captured, stream=final, records=records)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Plain forward: logits [B, T, V]."""

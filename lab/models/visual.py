@@ -309,6 +309,13 @@ class VisionTextModel(ResidualModel):
     def token_embedding(self) -> Tensor | None:
         return self.backbone.token_embedding()
 
+    @property
+    def supports_probe(self) -> bool:
+        return self.backbone.supports_probe
+
+    def readout_parts(self):
+        return self.backbone.readout_parts()
+
     def image_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Projected image tokens [B, P, D] from precomputed features or from images."""
         if batch.get("image_features") is not None:
