@@ -224,7 +224,24 @@ def _warn_unused_task_option(name: str, node, task) -> None:
 
 
 # ----------------------------------------------------------------------------------- training
+def init_source(cfg: DictConfig) -> str | None:
+    """The run whose weights a new run starts from (``init_from``); ``none`` means from scratch."""
+    source = cfg.get("init_from")
+    return None if source is None or str(source).lower() == "none" else str(source)
+
+
+def check_fine_tune_source(cfg: DictConfig) -> None:
+    """A fine-tuning preset (``train.requires_init_from``) or adapters need a trained model to start
+    from; ``init_from=none`` asks for the from-scratch control explicitly."""
+    missing = cfg.train.get("requires_init_from", False) and cfg.get("init_from") is None
+    if missing or (cfg.get("adapter") and cfg.get("init_from") is None):
+        what = "this preset fine-tunes a trained model" if missing else "adapter= trains adapters on a frozen model"
+        raise LabError(f"{what}, but no init_from was given; pass init_from=<pretraining run dir> (e.g. a run of "
+                       "experiment=fewshot_pretrain), or init_from=none to start from random weights on purpose")
+
+
 def check_train_settings(cfg: DictConfig) -> None:
+    check_fine_tune_source(cfg)
     t = cfg.train
     checks = [
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -249,14 +266,15 @@ def build_training(cfg: DictConfig, run_dir: str | Path = "."):
     check_train_settings(cfg)
     task = build_task(cfg)
     model = build_model(cfg, task)
-    if cfg.get("init_from"):
-        step = init_from_run(model, cfg.init_from, task)
-        log.info("initialised from %s (step %d)", cfg.init_from, step)
-        source_seed = runs.load_config(cfg.init_from).get("seed", 0) if Path(cfg.init_from).is_dir() else None
+    source = init_source(cfg)
+    if source:
+        step = init_from_run(model, source, task)
+        log.info("initialised from %s (step %d)", source, step)
+        source_seed = runs.load_config(source).get("seed", 0) if Path(source).is_dir() else None
         if source_seed is not None and int(source_seed) != int(cfg.get("seed", 0)):
             log.warning("init_from=%s was trained with seed=%s but this run has seed=%s: the task is seeded by it "
                         "(the few-shot benchmark's rules, for one), so pass seed=%s to fine-tune on the same task",
-                        cfg.init_from, source_seed, cfg.get("seed"), source_seed)
+                        source, source_seed, cfg.get("seed"), source_seed)
     streams, primary = build_streams(cfg, task, model, cfg.train.batch_size, cfg.train.eval_batch_size)
     regime = parse_regime(cfg, primary, list(streams))
     if cfg.regime.get("match_steps_of"):

@@ -30,15 +30,21 @@ OmegaConf.register_new_resolver("short_name", short_name, replace=True)
 
 
 def check_resume_argument(argv: list[str]) -> None:
-    """Refuse ``resume=<path>`` pointing nowhere before Hydra creates its run directory (which
-    would otherwise leave a junk folder at the mistyped path)."""
+    """Refuse ``resume=<path>`` pointing at no run before Hydra creates its run directory (which
+    would otherwise leave a junk folder at the mistyped path, or a log inside an unrelated folder)."""
     for arg in argv[1:]:
-        if arg.startswith("resume=") and arg != "resume=null":
-            path = Path(arg.split("=", 1)[1])
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "resume" and value not in ("", "null"):
+            path = Path(value)
             if not path.is_dir():
-                print(f"error: resume={path}: no such run directory; pass a folder train.py created, "
-                      "e.g. resume=checkpoints/retrieval/<run>", file=sys.stderr)
-                sys.exit(2)
+                problem = "no such run directory"
+            elif not (path / "config.yaml").is_file():
+                problem = "this folder is not a run directory (it has no config.yaml)"
+            else:
+                continue
+            print(f"error: resume={path}: {problem}; pass a folder train.py created, "
+                  "e.g. resume=checkpoints/retrieval/<run>", file=sys.stderr)
+            sys.exit(2)
 
 
 # Hydra flags that take a value; ``--config-name`` and friends switch the config, so the lab's

@@ -43,6 +43,15 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def discard_run_without_checkpoint(run_dir: Path) -> bool:
+    """Remove a new run's directory when it ended before writing any checkpoint (nothing in it can
+    be resumed or evaluated, and a rerun under the same name would be refused). True if removed."""
+    if run_dir.is_dir() and not any(run_dir.glob("*.ckpt")):
+        shutil.rmtree(run_dir)
+        return True
+    return False
+
+
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 

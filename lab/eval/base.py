@@ -111,6 +111,18 @@ class EvalContext:
                 self.writer.add_scalar(f"eval/{prefix}/{key}", value, self.step)
 
 
+def check_evaluators_fit(evaluators: list, task) -> None:
+    """Refuse evaluators that cannot read this task's prompts, naming the tasks they need."""
+    for evaluator in evaluators:
+        needs = getattr(evaluator, "tasks", None)
+        if needs is not None and task.name not in needs:
+            raise LabError(
+                f"evaluator {evaluator.name} needs a run of task {' or '.join(needs)} (its prompts name the objects "
+                f"it reads), but this run's task is {task.name!r}; evaluate a {needs[0]} run, or drop {evaluator.name} "
+                f"from evaluators=[...]"
+            )
+
+
 def run_evaluators(ctx: EvalContext, evaluators: list) -> dict:
     results = {}
     try:
@@ -125,9 +137,14 @@ def run_evaluators(ctx: EvalContext, evaluators: list) -> dict:
 
 
 class Evaluator:
-    """Base class; subclasses set ``name`` and implement ``__call__``."""
+    """Base class; subclasses set ``name`` and implement ``__call__``.
+
+    ``tasks`` names the tasks whose prompts the evaluator can read (None: every task); a run of
+    another task is refused before anything is computed or written (:func:`check_evaluators_fit`).
+    """
 
     name = "evaluator"
+    tasks: tuple[str, ...] | None = None
 
     def __call__(self, ctx: EvalContext) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

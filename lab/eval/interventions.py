@@ -51,6 +51,7 @@ BINDING = ("positional", "symbolic", "answer_copy")
 
 class InterventionsEvaluator(Evaluator):
     name = "interventions"
+    tasks = ("retrieval",)  # reads the queried object's slot and associations
 
     def __init__(self, n_pairs: int = 512, splits=None, sites=SITES, modality: str = "text",
                  only_correct: bool = True, threshold: float = 0.2, level: float = 0.95, seed: int = 0,

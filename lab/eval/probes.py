@@ -28,6 +28,7 @@ TARGETS = ("slot", "association_slot", "shape", "item")
 
 class ProbesEvaluator(Evaluator):
     name = "probes"
+    tasks = ("retrieval",)  # reads the queried object's slot and associations
 
     def __init__(self, targets=TARGETS, splits=None, modalities=None, test_fraction: float = 0.5,
                  regularization: float = 1.0, max_iter: int = 1000, seed: int = 0, plots: bool = True) -> None:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from lab.build import build, build_streams, load_trained
 from lab.errors import LabError
-from lab.eval.base import EvalContext, run_evaluators
+from lab.eval.base import EvalContext, check_evaluators_fit, run_evaluators
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run)
     evaluators = build_evaluators(cfg)
     run_cfg, task, model, step = load_trained(run_dir, cfg.checkpoint)
+    check_evaluators_fit(evaluators, task)  # before the TensorBoard writer creates its event file
     device = torch.device(cfg.device)
     ctx = EvalContext(
         model=model.to(device),

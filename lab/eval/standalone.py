@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from lab.build import build, build_task
 from lab.errors import LabError
-from lab.eval.base import EvalContext, run_evaluators
+from lab.eval.base import EvalContext, check_evaluators_fit, run_evaluators
 from lab.models.interface import ResidualModel
 
 
@@ -58,6 +58,7 @@ def evaluate_model(cfg: DictConfig, evaluators: list) -> dict:
     if not isinstance(model, ResidualModel):
         raise LabError(f"model={cfg.model.get('_target_')} does not build a residual-stream model")
     task, data = _data(cfg, model)
+    check_evaluators_fit(evaluators, task)
     name = Path(str(getattr(model, "source", "") or type(model).__name__)).name.removesuffix(".json")
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path("eval_out") / name
     device = torch.device(cfg.device)

@@ -18,6 +18,7 @@ class NonFiniteLossError(LabError):
     """The training loss or the weights became NaN or infinite."""
 
     def __init__(self, what: str, step: int) -> None:
+        self.problem = f"{what} at step {step}: the run diverged"
         super().__init__(
             f"{what} by step {step}: the run diverged; lower train.lr (or raise train.warmup_steps) and start a "
             "new run. The checkpoints hold the last finite validation."

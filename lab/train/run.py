@@ -1,6 +1,7 @@
 """Train a run: the run directory, the Trainer and its callbacks, resume (built by :mod:`lab.build`)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from lab import runs
 from lab.build import build_training
 from lab.errors import LabError
+from lab.runs import one_line
+from lab.train.module import NonFiniteLossError
 from lab.train.callbacks import AttentionProgress, DataStepSync, MetricsFile
 from lab.train.regime import PhaseController
 
@@ -52,6 +55,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, ex
         logger=logger,
         default_root_dir=str(run_dir),
     )
+
+
+# Write failures that are the disk's, not the lab's: reported in one line, the last checkpoint kept.
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
 
 
 # Command-line overrides that may accompany ``resume=``: they change how a run is displayed, not
@@ -102,7 +109,19 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), overrides=No
     trainer = make_trainer(cfg, run_dir, controller, extra_callbacks)
     if ckpt_path is None:
         trainer.logger.log_hyperparams(_flat_hparams(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except NonFiniteLossError as error:
+        if ckpt_path is None and runs.discard_run_without_checkpoint(run_dir):
+            raise LabError(f"{error.problem}, before the first checkpoint; the run directory {run_dir} held nothing to "
+                           "keep and was removed, so the same command may be rerun; lower train.lr (or raise "
+                           "train.warmup_steps)") from None
+        raise
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        raise LabError(f"cannot write to {run_dir} ({error.strerror or one_line(error)}); free disk space or make it "
+                       f"writable, then continue with resume={run_dir} (its last checkpoint is kept)") from None
     latest = module.last_val_metrics or _saved_metrics(run_dir)  # a finished run resumed: nothing new ran
     metrics = {"step": trainer.global_step, "phases": controller.history, **latest}
     log.info("finished at step %d: %s", trainer.global_step, json.dumps(_headline(metrics)))
