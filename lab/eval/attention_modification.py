@@ -153,7 +153,7 @@ def _plot(results: dict, key_group: str, mode: str):
         alphas = list(entry["alphas"])
         xs = range(len(alphas))
         get = lambda f: [f(entry["alphas"][a]) for a in alphas]  # noqa: E731
-        ax.plot(xs, get(lambda c: c["accuracy"]), marker="o", color="black", label="accuracy")
+        ax.plot(xs, get(lambda c: c["accuracy"]), marker="o", color="black", ls="--", label="accuracy")
         ax.plot(xs, get(lambda c: c["wins"]["a"] / c["n"]), marker="s", label=f"{entry['a']} wins")
         ax.plot(xs, get(lambda c: c["wins"]["b"] / c["n"]), marker="^", label=f"{entry['b']} wins")
         ax.set(xticks=list(xs), xlabel=f"alpha ({mode}) on attention to {key_group}", ylim=(-0.02, 1.02),
