@@ -240,8 +240,49 @@ def check_fine_tune_source(cfg: DictConfig) -> None:
                        "experiment=fewshot_pretrain), or init_from=none to start from random weights on purpose")
 
 
+def run_setting(cfg: DictConfig) -> dict:
+    """What a recipe's ``measured_on`` is compared with: the contexts (text, or image for
+    ``modality=image``) and the model's depth."""
+    contexts = "image" if str(cfg.modality.get("_target_", "")).endswith("ImageDataModule") else "text"
+    return {"contexts": contexts, "n_layers": cfg.model.get("n_layers")}
+
+
+def recipes_measured_on(setting: dict) -> list[str]:
+    """Names of the recipes (conf/recipe/) measured on ``setting``."""
+    from omegaconf import OmegaConf
+
+    from lab.overrides import CONF_DIR
+
+    names = []
+    for path in sorted((CONF_DIR / "recipe").glob("*.yaml")):
+        measured = (OmegaConf.load(path).get("recipe") or {}).get("measured_on")
+        if measured is not None and all(setting.get(k) == v for k, v in measured.items()):
+            names.append(path.stem)
+    return names
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """Refuse a recipe outside the setting its aids were measured on (``recipe.measured_on``),
+    naming the recipes that were; ``recipe.measured_on=null`` trains with it anyway."""
+    recipe = cfg.get("recipe") or {}
+    measured = recipe.get("measured_on")
+    if not measured:
+        return
+    setting = run_setting(cfg)
+    differs = {k: setting.get(k) for k, v in measured.items() if setting.get(k) != v}
+    if not differs:
+        return
+    here = ", ".join(f"{k}={v}" for k, v in differs.items())
+    there = ", ".join(f"{k}={v}" for k, v in measured.items())
+    fits = recipes_measured_on(setting)
+    advice = f"use recipe={' or recipe='.join(fits)}" if fits else "no recipe was measured there: use recipe=plain"
+    raise LabError(f"recipe={recipe.get('name')} was measured on {there}, but this run has {here}; {advice}, "
+                   "or pass recipe.measured_on=null to train with it anyway (unmeasured)")
+
+
 def check_train_settings(cfg: DictConfig) -> None:
     check_fine_tune_source(cfg)
+    check_recipe(cfg)
     t = cfg.train
     checks = [
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -251,6 +292,7 @@ def check_train_settings(cfg: DictConfig) -> None:
         (t.val_every >= 1, f"train.val_every must be >= 1, got {t.val_every}"),
         (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
         (0 < t.stop.threshold <= 1, f"train.stop.threshold must be in (0, 1], got {t.stop.threshold}"),
+        (0 < t.stop.image_threshold <= 1, f"train.stop.image_threshold must be in (0, 1], got {t.stop.image_threshold}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -76,7 +76,7 @@ def test_plus_may_add_only_what_a_target_accepts():
 
 def test_valid_overrides_and_sweeps_pass(tmp_path):
     check_overrides("train", ["task=one_hop", "model.init=torch", "train.lr=3e-3", "train.max_steps=100",
-                              "objective.intermediate.anneal=null", "task.id_objects=[2,4]", "~recipe_by_modality",
+                              "objective.intermediate.anneal=null", "task.id_objects=[2,4]",
                               "seed=0,1,2", f"hydra.run.dir={tmp_path}"])
     check_overrides("evaluate", ["run=x", "evaluators=[accuracy,probes]", "batch_size=64"])
     with pytest.raises(LabError, match="batch_size='many': expected an integer"):

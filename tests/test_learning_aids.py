@@ -3,6 +3,7 @@ supervision and its annealing; divergence and resume safeguards of train.py."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import torch.nn.functional as F
 
 from conftest import error_lines, run_script, tiny_cfg
 from lab.data.text import collate_text
+from lab.build import check_recipe
 from lab.errors import LabError
 from lab.models.backbone import Backbone, previous_attendable
 from lab.runs import load_checkpoint
 from lab.train.intermediate import IntermediateSupervision
+from lab.train.regime import parse_regime, saturation_threshold
 from lab.train.run import train
 from tasks.retrieval import RetrievalTask
 
@@ -178,7 +181,7 @@ def test_resume_with_the_fast_recipe_matches_an_uninterrupted_run(tmp_path):
     interrupted run resumed across the anneal ends bit-identical to an uninterrupted one."""
     from test_train import Interrupted, InterruptAt, assert_same_weights, weights
 
-    cfg = ("recipe=fast", "objective.intermediate.anneal=[10,30]", "train.max_steps=40")
+    cfg = ("recipe=fast", "recipe.measured_on=null", "objective.intermediate.anneal=[10,30]", "train.max_steps=40")
     train(tiny_cfg(*cfg), tmp_path / "straight")
     with pytest.raises(Interrupted):
         train(tiny_cfg(*cfg), tmp_path / "crashed", extra_callbacks=[InterruptAt(20)])
@@ -203,42 +206,60 @@ def test_resume_of_a_mistyped_path_creates_nothing(tmp_path):
     assert not typo.exists()
 
 
-# ------------------------------------------------------------------------ recipe per modality
-@pytest.mark.parametrize("overrides, image_aids", [
-    ([], False),                                   # text: the recipe as it is
-    (["modality=image"], True),                    # images alone: conf/recipe_by_modality/fast_image.yaml
-    (["experiment=image_only"], True),
-    (["modality=image", "recipe=plain"], False),   # the paper's recipe stays plain for images too
-    (["experiment=image_text"], False),            # regimes name their streams; the text recipe applies
+# ----------------------------------------------------------------- recipes: one file, one setting
+@pytest.mark.parametrize("overrides, recipe", [
+    ([], "fast"),
+    (["experiment=image_only"], "fast_image"),          # the image preset selects the image recipe itself
+    (["experiment=image_only", "recipe=plain"], "plain"),  # the command line beats the preset
+    (["recipe=fast_paper", "model=paper"], "fast_paper"),
+    (["experiment=image_text"], "fast"),                # regimes name their streams; the text recipe applies
 ])
-def test_the_fast_recipe_has_its_own_settings_for_images_alone(overrides, image_aids):
+def test_each_recipe_is_one_complete_file_named_in_the_config(overrides, recipe):
     from conftest import compose_cfg
 
     cfg = compose_cfg("train", overrides)
-    assert (int(cfg.task.one_hop_queries) == 4) == image_aids
-    assert (cfg.encoder.projector_init_std == 0.02) == image_aids
-    assert cfg.train.stop.threshold == (0.95 if image_aids else 0.99)
-    if image_aids:
+    assert cfg.recipe.name == recipe
+    image = recipe == "fast_image"
+    assert (int(cfg.task.one_hop_queries) == 4) == image
+    assert (cfg.encoder.projector_init_std == 0.02) == image
+    if image:
         assert cfg.objective.intermediate.weight == 0.3 and cfg.objective.intermediate.anneal is None
-        assert cfg.model.token_shift and cfg.task.train_queries == 4  # the rest of recipe=fast is kept
+        assert cfg.model.token_shift and cfg.task.train_queries == 4  # written out in fast_image.yaml too
+    if recipe == "fast_paper":
+        assert list(cfg.objective.intermediate.anneal) == [600, 1200]
+    check_recipe(cfg)  # each measured combination is accepted
 
 
-@pytest.mark.parametrize("overrides, anneal", [
-    ([], [300, 600]),
-    (["model=paper"], [600, 1200]),                                   # conf/recipe_by_model/fast_paper.yaml
-    (["model=paper", "objective.intermediate.anneal=[300,600]"], [300, 600]),
+@pytest.mark.parametrize("overrides, advice", [
+    (["modality=image"], "recipe=fast was measured on contexts=text, n_layers=4, but this run has contexts=image; use recipe=fast_image"),
+    (["model=paper"], "this run has n_layers=12; use recipe=fast_paper"),
+    (["recipe=free_binding", "model=paper"], "recipe=free_binding was measured on contexts=text, n_layers=4"),
+    (["modality=image", "model=paper"], "no recipe was measured there: use recipe=plain"),
 ])
-def test_the_fast_recipe_fades_the_aid_later_for_the_paper_model(overrides, anneal):
+def test_an_unmeasured_recipe_and_setting_is_refused_with_the_recipe_that_fits(overrides, advice):
     from conftest import compose_cfg
 
-    assert list(compose_cfg("train", overrides).objective.intermediate.anneal) == anneal
-    assert compose_cfg("train", ["model=paper", "recipe=plain"]).objective.intermediate.weight == 0
+    with pytest.raises(LabError, match=re.escape(advice) + ".*recipe.measured_on=null"):
+        check_recipe(compose_cfg("train", overrides))
+    check_recipe(compose_cfg("train", [*overrides, "recipe.measured_on=null"]))  # on purpose: accepted
+
+
+def test_image_phases_saturate_by_the_image_streams_rule():
+    from conftest import compose_cfg
+
+    for overrides in (["experiment=image_only"], ["experiment=image_text"]):
+        cfg = compose_cfg("train", overrides)
+        regime = parse_regime(cfg, "image" if "image_only" in overrides[0] else "text", ["text", "image"])
+        for phase in regime.phases:
+            if phase.until is not None:
+                assert phase.threshold == saturation_threshold(phase.until, cfg.train.stop)
+                assert phase.threshold == (0.95 if phase.until.startswith("val/image") else 0.99)
 
 
 def test_command_line_overrides_beat_the_image_recipe():
     from conftest import compose_cfg
 
-    cfg = compose_cfg("train", ["modality=image", "objective.intermediate.weight=1.0", "task.one_hop_queries=0"])
+    cfg = compose_cfg("train", ["experiment=image_only", "objective.intermediate.weight=1.0", "task.one_hop_queries=0"])
     assert cfg.objective.intermediate.weight == 1.0 and cfg.task.one_hop_queries == 0
 
 
@@ -263,13 +284,13 @@ def test_default_recipe_leaves_the_plateau(tmp_path):
 
 @pytest.mark.slow
 def test_images_alone_leave_the_plateau_with_their_recipe(tmp_path):
-    """``python train.py modality=image`` (conf/recipe_by_modality/fast_image.yaml, ResNet-18
+    """``python train.py experiment=image_only`` (conf/recipe/fast_image.yaml, ResNet-18
     pretrained offline first) leaves the plateau: image ID >= 0.5 within 700 steps on seed 1
     (measured: 0.64 at step 400, 0.96 at 550; chance among the prompt's items ~0.25, and the text
     recipe's full-weight aid holds image runs at 0.04-0.08, docs/learning.md)."""
     from conftest import compose_cfg
 
-    cfg = compose_cfg("train", ["modality=image", "seed=1", "train.max_steps=700", "train.val_every=50",
+    cfg = compose_cfg("train", ["experiment=image_only", "seed=1", "train.max_steps=700", "train.val_every=50",
                                 "train.stop.threshold=0.5", "train.stop.patience=1", "task.eval_size=256",
                                 f"encoder.cache_dir={tmp_path / 'encoders'}", "modality.feature_cache_dir=null",
                                 "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"])

@@ -43,7 +43,7 @@ def test_phase_modality_follows_the_mix_and_is_seeded():
         ("regime.phases=[{name:a,mix:{text:-1},max_steps:20}]", "mix weights"),
         ("regime.phases=[]", "no phases"),
         ("regime.phases=[{name:a,mix:{text:1},max_steps:20,until:val/nope_acc}]", "not a validation metric"),
-        ("regime.phases=[{name:a,mix:{text:1},max_steps:20,threshold:1.5}]", "threshold must be in"),
+        ("regime.phases=[{name:a,mix:{text:1},max_steps:20,threshold:0.5}]", "phases take no threshold of their own"),
     ],
 )
 def test_bad_regimes_are_refused_before_training(override, message):
@@ -95,16 +95,15 @@ def test_a_saturated_phase_ends_early(tmp_path):
     ]
 
 
-def test_a_phase_threshold_overrides_the_run_threshold(tmp_path):
-    run_dir = tmp_path / "run"
-    # The run's 0.99 is not met by an untrained model; the first phase's own 1e-6 is, at once.
-    both = TWO_PHASES.replace("until:null,noise", "until:val/text_id_acc,threshold:1e-6,noise").replace(
-        "max_steps:20,until:null}", "max_steps:20,until:val/text_id_acc}")
-    train(tiny_cfg(both, "train.stop.patience=1"), run_dir)
-    assert [(p["name"], p["end"], p["reason"]) for p in phases(run_dir)] == [
-        ("noisy", 10, "saturated"),
-        ("clean", 30, "budget"),
-    ]
+def test_saturation_is_one_rule_per_stream():
+    """A phase may restate its stream's threshold (configs saved before the rule was the only one)
+    but not set its own: saturation is read from train.stop in one place."""
+    restated = TWO_PHASES.replace("until:null,noise", "until:val/text_id_acc,threshold:0.99,noise")
+    regime = parse_regime(tiny_cfg(restated, "train.stop.threshold=0.99"), "text", ["text"])
+    assert [p.threshold for p in regime.phases] == [0.99, None]
+    own = TWO_PHASES.replace("until:null,noise", "until:val/text_id_acc,threshold:0.5,noise")
+    with pytest.raises(LabError, match="phases take no threshold of their own.*train.stop.image_threshold"):
+        parse_regime(tiny_cfg(own, "train.stop.threshold=0.99"), "text", ["text"])
 
 
 def test_image_phases_saturate_at_the_image_threshold():
@@ -113,7 +112,7 @@ def test_image_phases_saturate_at_the_image_threshold():
                                ["text", "noisy_text", "image"])
         image = [p for p in regime_.phases if p.until == "val/image_id_acc"]
         assert [p.threshold for p in image] == [0.9]
-        assert all(p.threshold is None for p in regime_.phases if p.until != "val/image_id_acc")
+        assert all(p.threshold == 1.0 for p in regime_.phases if p.until not in (None, "val/image_id_acc"))  # TINY: train.stop.threshold=1.0
 
 
 def test_noise_only_in_the_noisy_phase(tmp_path):

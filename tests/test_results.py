@@ -64,7 +64,7 @@ def test_training_aids_are_named_from_the_config():
     assert training_aids(tiny_cfg("recipe=fast")) == "shift+mid@middle~anneal+q4"
     assert training_aids(tiny_cfg("recipe=fast", "objective.intermediate.layer=1", "objective.intermediate.anneal=null")) == "shift+mid@1+q4"
     assert training_aids(tiny_cfg("model.token_shift=true")) == "shift"
-    assert training_aids(tiny_cfg("recipe=fast", "modality=image")) == "shift+midx0.3@middle+q4+1hop4"
+    assert training_aids(tiny_cfg("recipe=fast_image", "modality=image")) == "shift+midx0.3@middle+q4+1hop4"
     assert training_aids(tiny_cfg("recipe=free_binding")) == "init=scaled+assocshift+mid@middle+q4"
     assert training_aids(tiny_cfg("recipe=positional_control")) == "init=torch+assocshift+learnedpos+slot@middle+q4"
     assert training_aids(tiny_cfg("model.token_shift=true", "train.shift_fade=[10,20]")) == "shift~fade"

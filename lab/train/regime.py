@@ -1,8 +1,9 @@
 """Regimes: a curriculum of phases, each with a modality mix, a noise setting and a stop rule.
 
 A phase ends at its step budget (``max_steps``) or, when ``until`` names a validation metric,
-once that metric has stayed at or above its threshold (the phase's ``threshold``, else
-``train.stop.threshold``) for ``train.stop.patience`` validations. :class:`PhaseController` runs
+once that metric has stayed at or above its stream's threshold (:func:`saturation_threshold`: one
+rule, ``train.stop.image_threshold`` for image metrics, ``train.stop.threshold`` for the others) for
+``train.stop.patience`` validations. :class:`PhaseController` runs
 inside one Lightning ``fit``: it advances phases at validation time, checkpoints each finished phase
 as ``phase<i>_<name>.ckpt``, and its state travels in the checkpoint so a resumed run continues in
 the right phase.
@@ -29,7 +30,7 @@ class Phase:
     until: str | None = None         # metric that ends the phase when saturated, or None
     noise: bool | None = None        # override the streams' own noise setting (None: keep it)
     lr: float | None = None          # phase learning rate (default train.lr)
-    threshold: float | None = None   # saturation level of ``until`` (default train.stop.threshold)
+    threshold: float | None = None   # saturation level of ``until`` (its stream's: saturation_threshold)
 
     def modality_at(self, seed: int, step: int) -> str:
         """The modality of training step ``step``: a pure function of (seed, step)."""
@@ -50,6 +51,12 @@ class Regime:
     @property
     def max_steps(self) -> int:
         return sum(p.max_steps for p in self.phases)
+
+
+def saturation_threshold(metric: str, stop: DictConfig) -> float:
+    """The level at which ``metric`` counts as saturated: the image stream's for image metrics
+    (solved images hover at 0.96-0.98), the run's threshold for every other stream."""
+    return float(stop.image_threshold if metric.startswith("val/image") else stop.threshold)
 
 
 def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
@@ -75,9 +82,11 @@ def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
         until = raw.get("until", "auto")
         if until == "auto":
             until = f"val/{max(mix, key=mix.get)}_id_acc"
-        threshold = raw.get("threshold")
-        if threshold is not None and not 0 < float(threshold) <= 1:
-            raise LabError(f"{where}: threshold must be in (0, 1], got {threshold}")
+        threshold = None if until is None else saturation_threshold(until, cfg.train.stop)
+        if raw.get("threshold") is not None and (threshold is None or float(raw.threshold) != threshold):
+            # accepted only when it restates the rule (configs saved before the rule was the only one)
+            raise LabError(f"{where}: phases take no threshold of their own; saturation is one rule per stream, "
+                           "train.stop.threshold (text) and train.stop.image_threshold (image): set those instead")
         phases.append(
             Phase(
                 name=str(raw.get("name", f"phase{i}")),
@@ -86,7 +95,7 @@ def parse_regime(cfg: DictConfig, primary: str, available: list[str]) -> Regime:
                 until=until,
                 noise=None if raw.get("noise") is None else bool(raw.get("noise")),
                 lr=raw.get("lr"),
-                threshold=None if threshold is None else float(threshold),
+                threshold=threshold,
             )
         )
     return Regime(name=str(node.get("name", "custom")), phases=phases)
