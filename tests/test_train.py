@@ -74,8 +74,8 @@ def test_training_metrics_reach_tensorboard(tiny_run):
     events = EventAccumulator(str(tiny_run.dir / "tensorboard"))
     events.Reload()
     for tag in ("train/loss", "train/acc", "train/lr"):
-        assert [e.step for e in events.Scalars(tag)] == [24, 49], tag
-    # The loss logged at Lightning's step 24 is the loss of the 25th training step.
+        assert [e.step for e in events.Scalars(tag)] == [25, 50], tag
+    # Steps count optimizer steps done (as in metrics.jsonl): step 25 shows the 25th step's loss.
     assert events.Scalars("train/loss")[0].value == pytest.approx(tiny_run.losses[24], rel=1e-6)
 
 
@@ -209,3 +209,16 @@ def test_a_refused_config_leaves_no_empty_run_directory(tmp_path):
     with pytest.raises(LabError, match="train.lr"):
         train(tiny_cfg("train.lr=-1"), kept)
     assert (kept / "notes.txt").read_text() == "the user's own file"
+
+
+def test_tensorboard_steps_match_the_metrics_file(tiny_run):
+    """A validation shows at the same step in TensorBoard as in metrics.jsonl (optimizer steps done)."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run.dir / "tensorboard"))
+    events.Reload()
+    board = [e.step for e in events.Scalars("val/text_id_acc")]
+    lines = [json.loads(l)["step"] for l in (tiny_run.dir / "metrics.jsonl").read_text().splitlines() if l]
+    assert board == lines == list(range(10, 61, 10))

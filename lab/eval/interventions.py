@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lab.errors import LabError
+from lab.eval.progress import progress
 from lab.eval.base import EvalContext, Evaluator
 from lab.eval.stats import wilson_interval
 from lab.models.interface import ResidualModel
@@ -139,7 +140,7 @@ def intervention_outcomes(model: ResidualModel, base, counter, predictions: torc
         "clean_counterfactual_correct":
             (clean_counter.logits.argmax(-1) == predictions[:, HYPOTHESES.index("answer_copy")]).cpu(),
     }
-    for site in sites:
+    for site in progress(sites, "interventions: sites"):
         mask = site_mask(base, site)
         if not torch.equal(mask, site_mask(counter, site)):
             raise LabError(f"site {site!r} is at different positions in the base and counterfactual prompts")

@@ -24,6 +24,7 @@ import logging
 import numpy as np
 
 from lab.errors import LabError
+from lab.eval.progress import progress
 from lab.eval import relevance_plots as plots
 from lab.eval.base import EvalContext, Evaluator
 from lab.eval.relevance import (OPERATORS, SIMILARITY_SCORES, Ablator, accuracy_relevance, chance_accuracy,
@@ -61,7 +62,7 @@ def score_split(model, calib, evaluation, chance_calib, chance_eval, operators=O
         "similarity": {k: v.mean(0).tolist() for k, v in sims.items()},
         "operators": {},
     }
-    for op in operators:
+    for op in progress(operators, "layer_relevance: operators"):
         ablator = Ablator(model, op, mean_batches=calib)
         cands = ablator.candidates(base, calib)
         correct = np.stack([cands[l].correct for l in range(L)], 1).astype(float)  # [N, L]
@@ -139,7 +140,7 @@ class LayerRelevanceEvaluator(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict:
         ctx.model.eval()
         results, rows = {}, []
-        for modality, split in ctx.stream_splits(self.modalities, self.splits):
+        for modality, split in progress(ctx.stream_splits(self.modalities, self.splits), "layer_relevance: streams"):
             calib, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
             res = score_split(
                 ctx.model, calib, evaluation,

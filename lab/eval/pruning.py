@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from lab.errors import LabError
+from lab.eval.progress import progress
 from lab.eval import relevance_plots as plots
 from lab.eval.base import EvalContext, Evaluator
 from lab.eval.layer_relevance import check_settings
@@ -133,7 +134,7 @@ class PruningEvaluator(Evaluator):
                 _, evaluation, mask = halves(ctx.batches(split, modality), self.calibration_fraction)
                 eval_sets[split], chance[split] = evaluation, chance_accuracy(ctx.task, split, mask, False)
             results[modality] = {}
-            for op in self.operators:
+            for op in progress(self.operators, f"pruning {modality}: operators"):
                 curves = []
                 for criterion in self.criteria:
                     for mode in self.modes:

@@ -22,6 +22,17 @@ from lab.train.regime import PhaseController
 log = logging.getLogger(__name__)
 
 
+class StepAlignedLogger(TensorBoardLogger):
+    """TensorBoard at the steps ``metrics.jsonl`` uses: optimizer steps done (``global_step``).
+
+    Lightning logs at the index of the batch just trained (one less), so the validation after 50
+    steps would show at step 49 in TensorBoard and at 50 in metrics.jsonl.
+    """
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(metrics, None if step is None else step + 1)
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, extra_callbacks=()) -> L.Trainer:
     best = ModelCheckpoint(
         dirpath=run_dir,
@@ -43,7 +54,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, controller: PhaseController, ex
         MetricsFile(run_dir),
         *extra_callbacks,
     ]
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = StepAlignedLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_steps=controller.regime.max_steps,
