@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lab.build import build_model, build_task  # noqa: E402
+from lab.build import build_model, build_task, prepare_encoder  # noqa: E402
 from lab.data.datamodule import TextDataModule  # noqa: E402
 from lab.data.image import ImageDataModule  # noqa: E402
 
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> None:
         cfg = compose("train", overrides=["modality=image", *overrides])
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
+    prepare_encoder(cfg)  # pretrains the encoder once if it is not cached
     model = build_model(cfg, task)  # modality=image: backbone + the lab-pretrained encoder
     bs = int(cfg.train.batch_size)
     text = TextDataModule(task, bs, bs)

@@ -146,6 +146,28 @@ def init_from_run(model, source: str | Path, task) -> int:
     return int(checkpoint.get("global_step", 0))
 
 
+def encoder_arguments(enc: DictConfig) -> dict:
+    """The plain arguments of :func:`lab.models.visual.build_encoder` from a config's ``encoder`` node."""
+    from omegaconf import OmegaConf
+
+    model_kwargs = enc.get("model_kwargs")
+    return {"name": str(enc.name), "layer": enc.get("layer"), "input_size": int(enc.get("input_size") or 48),
+            "model_kwargs": OmegaConf.to_container(model_kwargs, resolve=True) if model_kwargs else {},
+            "pool": int(enc.get("pool") or 1)}
+
+
+def prepare_encoder(cfg: DictConfig) -> None:
+    """The step before an image run trains: pretrain its visual encoder offline (``encoder.weights=lab``,
+    minutes on a CPU, with progress in the log) unless a cached copy exists. Announced, not hidden
+    in model building: :func:`build_model` only reads the cached weights."""
+    if not uses_images(cfg) or str(cfg.encoder.get("weights") or "lab") != "lab":
+        return
+    if not encoder_pretrain.pretrained_encoder_path(cfg, must_exist=False).is_file():
+        log.info("before training: pretraining the visual encoder %s (encoder.pretrain.steps=%s); cached for later runs",
+                 cfg.encoder.name, cfg.encoder.pretrain.steps)
+    encoder_pretrain.ensure_pretrained_encoder(cfg)
+
+
 def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = True) -> VisionTextModel:
     """``backbone`` + the visual encoder of ``cfg.encoder`` (weights from ``encoder.weights``) + projector."""
     from tasks.image_retrieval import image_prompt_len
@@ -160,11 +182,10 @@ def build_vision_model(cfg: DictConfig, backbone, task, load_weights: bool = Tru
     check_encoder_name(str(enc.name))
     weights = str(enc.get("weights") or "lab")
     if not load_weights:
-        encoder = build_encoder(enc, "random")
+        weights = "random"
     elif weights == "lab":
-        encoder = build_encoder(enc, str(encoder_pretrain.ensure_pretrained_encoder(cfg)))
-    else:
-        encoder = build_encoder(enc, weights)
+        weights = str(encoder_pretrain.pretrained_encoder_path(cfg))  # prepare_encoder trained it, or it says how
+    encoder = build_encoder(**encoder_arguments(enc), weights=weights)
     longest = image_prompt_len(task, encoder.n_tokens)
     if getattr(backbone, "max_len", longest) < longest:
         raise LabError(
@@ -307,6 +328,7 @@ def build_training(cfg: DictConfig, run_dir: str | Path = "."):
     """(task, datamodule, module, controller) of a training run, every setting checked first."""
     check_train_settings(cfg)
     task = build_task(cfg)
+    prepare_encoder(cfg)
     model = build_model(cfg, task)
     source = init_source(cfg)
     if source:

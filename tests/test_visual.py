@@ -14,7 +14,8 @@ from lab.models.visual import (
     VisualEncoder,
     build_encoder,
 )
-from lab.build import build_vision_model
+from lab.build import build_vision_model, encoder_arguments
+from lab.train import encoder_pretrain
 from tasks.retrieval import RetrievalTask
 from tasks.vocab import IMG, SPECIAL_TOKENS
 
@@ -69,7 +70,7 @@ def test_timm_weights_missing_offline_names_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cfg = OmegaConf.create({"name": "resnet18", "layer": 2, "input_size": 32, "weights": "timm"})
     with pytest.raises(EncoderConfigError, match="not available offline.*encoder.weights=lab.*encoder.weights=random"):
-        build_encoder(cfg)
+        build_encoder(**encoder_arguments(cfg), weights="timm")
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -77,20 +78,20 @@ def test_local_weights_file(tmp_path, suffix):
     from safetensors.torch import save_file
 
     cfg = OmegaConf.create({"name": "convnext_atto", "layer": 1, "input_size": 32})
-    a = build_encoder(cfg, "random")
+    a = build_encoder(**encoder_arguments(cfg), weights="random")
     path = tmp_path / f"w{suffix}"
     state = {k: v.contiguous() for k, v in a.trunk.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
     torch.manual_seed(123)
-    b = build_encoder(cfg, str(path))
+    b = build_encoder(**encoder_arguments(cfg), weights=str(path))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(a.eval()(x), b.eval()(x))
     with pytest.raises(EncoderConfigError, match="does not exist"):
-        build_encoder(cfg, str(tmp_path / "nope.safetensors"))
+        build_encoder(**encoder_arguments(cfg), weights=str(tmp_path / "nope.safetensors"))
     wrong = OmegaConf.create({"name": "resnet18", "layer": 2, "input_size": 32})
     with pytest.raises(EncoderConfigError, match="does not fit"):
-        build_encoder(wrong, str(path))
+        build_encoder(**encoder_arguments(wrong), weights=str(path))
 
 
 def _vision_model(frozen=True):
@@ -150,10 +151,14 @@ def test_build_vision_model_lab_weights_missing_gives_command(tmp_path):
     backbone = Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64)
     task = RetrievalTask(n_colors=8, n_shapes=8, n_items=8, id_objects=[2, 3], ood_objects=[4, 5])
     with pytest.raises(LabError, match="python pretrain_encoder.py"):
-        build_vision_model(cfg, backbone, task)
+        encoder_pretrain.ensure_pretrained_encoder(cfg)   # auto_pretrain=false: the command, nothing trained
     cfg.encoder.auto_pretrain = True
     cfg.encoder.pretrain.eval_size = 8
-    model = build_vision_model(cfg, backbone, task)   # pretrains (2 steps) into the cache, then loads it
+    with pytest.raises(LabError, match="train.py pretrains it before training.*python pretrain_encoder.py"):
+        build_vision_model(cfg, backbone, task)           # building a model never pretrains as a side effect
+    assert not list(tmp_path.glob("convnext_atto-*/encoder.safetensors"))
+    encoder_pretrain.ensure_pretrained_encoder(cfg)        # the explicit step (lab.build.prepare_encoder) trains 2 steps
+    model = build_vision_model(cfg, backbone, task)
     files = list(tmp_path.glob("convnext_atto-*/encoder.safetensors"))
     assert len(files) == 1 and (files[0].parent / "metrics.json").is_file()
     again = build_vision_model(cfg, Backbone(vocab_size=40, n_layers=1, d_model=32, n_heads=2, d_ff=64), task)

@@ -80,9 +80,7 @@ class ImageDataModule(L.LightningDataModule):
                 "ImageDataModule needs the run model's visual encoder: build the model with "
                 "lab.build.build_model(cfg, task) and pass encoder=model.encoder, frozen=model.frozen"
             )
-        from omegaconf import DictConfig, OmegaConf
-
-        render = OmegaConf.to_container(render, resolve=True) if isinstance(render, DictConfig) else dict(render or {})
+        render = dict(render or {})  # plain settings (conf/modality/image.yaml converts them: _convert_: all)
         canvas = int(render.get("canvas_size", 48))
         if int(encoder.input_size) != canvas:
             raise LabError(

@@ -9,7 +9,7 @@
   ``batch['images']`` (or precomputed ``batch['image_features']``, the encoder output before the
   projector) into image tokens and writes them at the ``[IMG]`` placeholder positions; text-only
   batches pass straight to the backbone.
-- :func:`build_encoder`: a :class:`VisualEncoder` from its own config node (``cfg.encoder``);
+- :func:`build_encoder`: a :class:`VisualEncoder` from plain arguments (``lab.build.encoder_arguments``);
   the run's model is put together by :func:`lab.build.build_model`.
 
 Encoder weights (``encoder.weights``): ``lab`` (default; the lab's own encoder pretraining,
@@ -347,35 +347,18 @@ class VisionTextModel(ResidualModel):
         return self.backbone.readout(h)
 
 
-# ------------------------------------------------------------------------------------ from config
-def _cfg_get(node, key, default=None):
-    try:
-        value = node.get(key, default)
-    except AttributeError:
-        value = getattr(node, key, default)
-    return default if value is None else value
-
-
-def _plain(node) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node or {})
-
-
-def build_encoder(enc_cfg, weights: str | None = None) -> VisualEncoder:
-    """A :class:`VisualEncoder` from ``cfg.encoder`` with ``random``/``timm``/file weights.
-
-    (``lab`` weights are resolved by :func:`lab.build.build_model`, which knows the render/task.)
-    """
-    weights = str(weights if weights is not None else _cfg_get(enc_cfg, "weights", "random"))
-    name = str(_cfg_get(enc_cfg, "name"))
-    kwargs = dict(name=name, layer=_cfg_get(enc_cfg, "layer"), input_size=int(_cfg_get(enc_cfg, "input_size", 48)),
-                  model_kwargs=_plain(_cfg_get(enc_cfg, "model_kwargs", {})), pool=int(_cfg_get(enc_cfg, "pool", 1)))
+# ------------------------------------------------------------------------------------ construction
+def build_encoder(name: str, layer: int | None = None, input_size: int = 48, model_kwargs: Mapping | None = None,
+                  pool: int = 1, weights: str = "random") -> VisualEncoder:
+    """A :class:`VisualEncoder` with ``random``/``timm``/file weights (plain arguments; the run
+    config's ``encoder`` node is turned into them by :func:`lab.build.encoder_arguments`, and
+    ``lab`` weights are resolved there too, since they depend on the render and the task)."""
+    weights = str(weights)
+    kwargs = dict(name=str(name), layer=layer, input_size=int(input_size), model_kwargs=dict(model_kwargs or {}),
+                  pool=int(pool))
     if weights == "timm":
-        check_encoder_name(name)
-        return VisualEncoder(**kwargs, pretrained_file=timm_pretrained_file(name))
+        check_encoder_name(kwargs["name"])
+        return VisualEncoder(**kwargs, pretrained_file=timm_pretrained_file(kwargs["name"]))
     encoder = VisualEncoder(**kwargs)
     if weights not in WEIGHT_SOURCES:
         encoder.load_trunk_weights(load_weights_file(weights), f"encoder weights {weights}")

@@ -106,6 +106,16 @@ def pretrain_command(cfg) -> str:
     return " ".join(["python pretrain_encoder.py", *overrides])
 
 
+def pretrained_encoder_path(cfg, must_exist: bool = True) -> Path:
+    """Where the lab-pretrained encoder of ``cfg`` is cached; refuses a missing one (naming the
+    command that writes it) unless ``must_exist=False``."""
+    path = encoder_dir(cfg) / WEIGHTS_FILE
+    if must_exist and not path.is_file():
+        raise LabError(f"no pretrained encoder at {path} (encoder.weights=lab); train.py pretrains it before "
+                       f"training, or write it with: {pretrain_command(cfg)}")
+    return path
+
+
 def ensure_pretrained_encoder(cfg) -> Path:
     """Path of the lab-pretrained encoder for ``cfg``; trains it first if missing (and allowed)."""
     out = encoder_dir(cfg)
@@ -210,7 +220,9 @@ def pretrain_encoder(cfg, out_dir: str | Path | None = None) -> dict:
     renderer = make_renderer(cfg)
     torch.manual_seed(seed)
     init = str(cfg.encoder.get("pretrain_init") or "random")
-    encoder = build_encoder(cfg.encoder, init)
+    from lab.build import encoder_arguments  # the config -> arguments step lives in the builder
+
+    encoder = build_encoder(**encoder_arguments(cfg.encoder), weights=init)
     if encoder.grid is None:
         raise LabError(f"encoder {encoder.name!r} has no spatial token grid, so it cannot be pretrained per cell")
     n_colors, n_shapes, most = int(cfg.task.n_colors), int(cfg.task.n_shapes), max_objects(cfg)
