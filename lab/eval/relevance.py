@@ -1,4 +1,4 @@
-"""Shared scoring code for layer relevance (DESIGN.md section 1, issue 4).
+"""Shared scoring code for layer relevance (docs/layer_relevance.md).
 
 Everything is written against the residual-stream interface, so it works on the lab's backbone,
 a Hugging Face model (``lab.models.hf``) and the hand-built snowball model alike.

@@ -1,4 +1,4 @@
-"""A Hugging Face causal LM exposed through the residual-stream interface (DESIGN.md section 3).
+"""A Hugging Face causal LM exposed through the residual-stream interface (docs/architecture.md).
 
 ``HFModel`` wraps a ``transformers`` ``*ForCausalLM`` and splits it into
 

@@ -1,4 +1,4 @@
-"""The residual-stream interface every evaluator is written against (DESIGN.md section 3).
+"""The residual-stream interface every evaluator is written against (docs/architecture.md).
 
 A model exposes ``embed(batch) -> Stream``, ``block(l, stream) -> h_{l+1}`` and
 ``readout(h) -> logits``. :class:`ResidualModel` builds the shared primitives on top: skipping
