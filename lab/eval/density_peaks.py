@@ -51,6 +51,7 @@ from scipy.special import betaln, gammaln
 
 from lab.errors import LabError
 from lab.eval.base import EvalContext, Evaluator, final_token_states
+from lab.eval.neighbours import knn_with_label_counts, nearest_neighbours  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -61,35 +62,15 @@ QUERIED_FACTS = {"colors": "query_color", "shapes": "query_shape"}  # [B, N] obj
 
 
 # ---------------------------------------------------------------------------------------- geometry
-def nearest_neighbours(X, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean k nearest neighbours of every row of ``X`` [N, D], excluding the row itself.
-
-    Returns (distances [N, k] float64, increasing; indices [N, k] int64). Distances are computed in
-    chunks of rows with ``torch.cdist`` (float64, on centred data to limit cancellation) and the
-    k smallest kept with ``topk``, so memory stays O(chunk_size x N).
-    """
-    X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
-    n = X.shape[0]
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"need 1 <= k <= N - 1 neighbours, got k={k} for N={n} points")
-    X = X - X.mean(0)
-    distances = torch.empty(n, k, dtype=torch.float64)
-    indices = torch.empty(n, k, dtype=torch.long)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        block = torch.cdist(X[start:stop], X)
-        block[torch.arange(stop - start), torch.arange(start, stop)] = math.inf  # not its own neighbour
-        distances[start:stop], indices[start:stop] = block.topk(k, dim=1, largest=False, sorted=True)
-    return distances.numpy(), indices.numpy()
-
-
 def remove_duplicates(X) -> tuple[np.ndarray, np.ndarray]:
     """``X`` without repeated rows (the first occurrence of each is kept, in the original order),
     and the kept row indices. Duplicates have zero neighbour distances, which break the ID and the
-    density estimates."""
+    density estimates. Rows are compared by their bytes (-0.0 counted as 0.0), in one hash pass."""
     X = np.asarray(X)
-    _, first = np.unique(X, axis=0, return_index=True)
-    keep = np.sort(first)
+    rows = np.ascontiguousarray(X + 0.0 if np.issubdtype(X.dtype, np.floating) else X)
+    first: dict[bytes, int] = {}
+    keep = np.fromiter((first.setdefault(row.tobytes(), i) == i for i, row in enumerate(rows)), bool, len(rows))
+    keep = np.flatnonzero(keep)
     return X[keep], keep
 
 
@@ -303,14 +284,26 @@ def neighbourhood_overlap(neighbour_indices, labels, fraction: float = 0.3, weig
     """
     labels = np.asarray(labels)
     neighbours = np.asarray(neighbour_indices)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    k_per_point = np.clip(np.floor(counts * fraction).astype(np.int64), 1, max(len(labels) - 1, 1))[inverse]
+    k_per_point = overlap_sizes(labels, fraction)
     if k_per_point.max() > neighbours.shape[1]:
         raise ValueError(f"the overlap needs {k_per_point.max()} neighbours per point, got {neighbours.shape[1]}")
     columns = k_per_point.max()
     same = labels[neighbours[:, :columns]] == labels[:, None]
     within = np.arange(columns) < k_per_point[:, None]
-    per_point = np.count_nonzero(same & within, axis=1) / k_per_point
+    return overlap_from_counts(np.count_nonzero(same & within, axis=1), labels, k_per_point, weighted)
+
+
+def overlap_sizes(labels, fraction: float) -> np.ndarray:
+    """k_i per point for :func:`neighbourhood_overlap`: max(1, floor(fraction x i's class size)),
+    at most N - 1."""
+    _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    return np.clip(np.floor(counts * fraction).astype(np.int64), 1, max(len(inverse) - 1, 1))[inverse]
+
+
+def overlap_from_counts(same_counts, labels, k_per_point, weighted: bool = True) -> float:
+    """The overlap from each point's number of same-label neighbours among its k_i nearest."""
+    _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    per_point = np.asarray(same_counts) / np.asarray(k_per_point)
     return float(np.average(per_point, weights=1.0 / counts[inverse] if weighted else None))
 
 
@@ -322,23 +315,18 @@ def overlap_chance(labels, weighted: bool = True) -> float:
     return float(same.mean() if weighted else np.sum(counts * same) / counts.sum())
 
 
-def overlap_neighbours(labels: Mapping[str, np.ndarray], fraction: float) -> int:
-    """How many neighbours per point :func:`neighbourhood_overlap` needs for these label sets."""
-    return max((max(1, math.floor(np.unique(v, return_counts=True)[1].max() * fraction)) for v in labels.values()),
-               default=1)
-
-
 # ------------------------------------------------------------------------------------ one layer
 def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_scale=(16, 32), Z: float = 1.6,
-                         halo: bool = True, overlap_fraction: float = 0.3, neighbour_search=None) -> dict:
+                         halo: bool = True, overlap_fraction: float = 0.3, search=knn_with_label_counts) -> dict:
     """All statistics of one point cloud ``X`` [N, D] (rows assumed distinct) and its label sets.
 
     Returns n_points, intrinsic_dim(_error), n_peaks, core_fraction, ari/overlap/overlap_chance
     per label set, and ``timings`` (seconds of each part). Too few points for the neighbour scales
-    (N - 1 < max(k, n2)) gives NaN statistics. One neighbour table serves every part: K = the
-    most of 100 (ADP), n2 and the overlap's largest k_i, so memory is about N x K x 16 bytes
-    (N = 10,000 with a binary label set: K = 1,500, 240 MB). ``neighbour_search(X, K)`` replaces
-    :func:`nearest_neighbours` (the benchmark's baseline).
+    (N - 1 < max(k, n2)) gives NaN statistics. One neighbour search serves every part: a table of
+    K = the most of 100 (ADP), k and n2 neighbours, and, in the same pass, each point's number of
+    same-label points among its k_i nearest for the overlap (k_i up to 0.3 x a class size, no
+    table that wide). ``search(X, K, same_label)`` replaces
+    :func:`lab.eval.neighbours.knn_with_label_counts` (the benchmark's baseline).
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -363,14 +351,15 @@ def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_sc
         timings[part] = now - clock
         clock = now
 
-    K = min(n - 1, max(k, n2, ADP_NEIGHBOURS, overlap_neighbours(labels, overlap_fraction)))
-    distances, neighbours = (neighbour_search or nearest_neighbours)(X, K)
+    K = min(n - 1, max(k, n2, ADP_NEIGHBOURS))
+    sizes = {name: overlap_sizes(values, overlap_fraction) for name, values in labels.items()}
+    distances, neighbours, same = search(X, K, {name: (values, sizes[name]) for name, values in labels.items()})
     lap("neighbours")
     out["intrinsic_dim"], out["intrinsic_dim_error"] = gride_id(distances, n1, n2)
     lap("intrinsic_dim")
     log_density, errors = knn_log_density(distances, k, out["intrinsic_dim"])
     lap("density")
-    clusters = advanced_density_peaks(log_density, errors, neighbours[:, : max(k, min(K, ADP_NEIGHBOURS))], k, Z, halo)
+    clusters = advanced_density_peaks(log_density, errors, neighbours, k, Z, halo)
     out["n_peaks"], out["core_fraction"] = clusters.n_peaks, clusters.core_fraction
     lap("clustering")
     core = clusters.labels >= 0
@@ -378,7 +367,7 @@ def landscape_statistics(X, labels: Mapping[str, np.ndarray], k: int = 16, id_sc
         out["ari"][name] = float(adjusted_rand_score(values[core], clusters.labels[core])) if core.any() else nan
     lap("ari")
     for name, values in labels.items():
-        out["overlap"][name] = neighbourhood_overlap(neighbours, values, overlap_fraction)
+        out["overlap"][name] = overlap_from_counts(same[name], values, sizes[name])
     lap("overlap")
     return out
 
