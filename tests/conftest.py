@@ -16,6 +16,16 @@ CONF_DIR = ROOT / "conf"
 
 torch.set_num_threads(1)  # 2 shared cores: keep every test single-threaded
 
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help="also run the slow convergence checks (marked slow; CI and the README's test command do)")
+
+
+def pytest_configure(config):
+    if config.getoption("--all"):
+        config.option.markexpr = ""  # pyproject's default `-m "not slow"` is lifted
+
 # Small enough to train in a few seconds on one core, big enough to learn something.
 TINY = [
     "recipe=plain",  # generic machinery is tested on the paper's recipe; the aids have their own tests
