@@ -1,4 +1,5 @@
-"""Greedy block pruning evaluator: pruning curves by accuracy relevance, cosine, angular, random.
+"""Greedy block pruning evaluator: pruning curves by accuracy relevance, cosine, angular, random
+and (optionally) persistence.
 
 For each modality and ablation operator (``skip``, ``mean``):
 
@@ -7,7 +8,10 @@ For each modality and ablation operator (``skip``, ``mean``):
 - **iterative**: remove the least relevant block, re-score the pruned model, repeat
   (accuracy: the block whose removal keeps the highest calibration accuracy, ties broken by
   the smaller loss; cosine / angular: the smallest score measured in the pruned model;
-  random: a seeded random order, averaged over ``random_repeats`` seeds);
+  random: a seeded random order, averaged over ``random_repeats`` seeds; persistence: the block
+  l -> l + 1 whose zigzag persistence similarity S(l, l + 1) of the final token's k-NN complexes is
+  highest, i.e. that changes the topology least, as Gardinazzi et al. prune; see
+  :func:`lab.eval.persistence.block_similarity`, which needs the geometry extra);
 - **one-shot**: the blocks are ranked once on the full model and removed in that order;
 - every pruned model is reported on the *evaluation* halves of all splits (ID and OOD):
   accuracy and loss after each removal (the pruning curve), so selection and reporting never
@@ -33,7 +37,8 @@ from lab.eval.relevance import Ablator, chance_accuracy, halves, json_clean, sim
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("accuracy", "cosine", "angular", "random")
+CRITERIA = ("accuracy", "cosine", "angular", "random", "persistence")
+DEFAULT_CRITERIA = CRITERIA[:4]  # persistence needs the optional geometry dependencies
 MODES = ("iterative", "one_shot")
 
 
@@ -42,6 +47,10 @@ def _pick(criterion: str, ablator: Ablator, state, calib, remaining: list[int], 
     """The least relevant remaining block of the pruned model in ``state``, and its scores."""
     if criterion == "random":
         return int(rng.choice(remaining)), {}
+    if criterion == "persistence":
+        values = _persistence_scores(state, calib)
+        best = min(remaining, key=lambda l: (values[l], l))
+        return best, {str(l): float(1 - values[l]) for l in remaining}
     if criterion == "accuracy":
         cands = ablator.candidates(state, calib, layers=remaining)
         scores = {l: (cands[l].accuracy, -cands[l].mean_loss) for l in remaining}
@@ -51,6 +60,14 @@ def _pick(criterion: str, ablator: Ablator, state, calib, remaining: list[int], 
     values = sims[cosine_score if criterion == "cosine" else "angular"].mean(0)
     best = min(remaining, key=lambda l: (values[l], l))
     return best, {str(l): float(values[l]) for l in remaining}
+
+
+def _persistence_scores(state, calib) -> np.ndarray:
+    """1 - S(l, l + 1) per block (lower = less relevant); a block whose input layer has no
+    complex (repeated states, as h_0) is scored inf: pruned last."""
+    from lab.eval.persistence import block_similarity
+
+    return np.nan_to_num(1 - block_similarity(state, calib), nan=np.inf)
 
 
 def prune_order(model, calib, criterion: str, mode: str, operator: str, n_remove: int, seed: int = 0,
@@ -65,6 +82,9 @@ def prune_order(model, calib, criterion: str, mode: str, operator: str, n_remove
         if criterion == "accuracy":
             cands = ablator.candidates(state, calib)
             order = sorted(all_layers, key=lambda l: (-cands[l].accuracy, cands[l].mean_loss, l))
+        elif criterion == "persistence":
+            values = _persistence_scores(state, calib)
+            order = sorted(all_layers, key=lambda l: (values[l], l))
         else:
             sims = similarity_scores(state, calib, n=angular_n)
             values = sims[cosine_score if criterion == "cosine" else "angular"].mean(0)
@@ -90,7 +110,7 @@ class PruningEvaluator(Evaluator):
 
     name = "pruning"
 
-    def __init__(self, criteria=CRITERIA, modes=MODES, operators=("skip",), calibration_split: str | None = None,
+    def __init__(self, criteria=DEFAULT_CRITERIA, modes=MODES, operators=("skip",), calibration_split: str | None = None,
                  calibration_fraction: float = 0.5, max_removed=None, random_repeats: int = 5, seed: int = 0,
                  cosine_score: str = "cosine_all", angular_n: int = 1, splits=None, modalities=None) -> None:
         bad = [c for c in criteria if c not in CRITERIA]
@@ -101,6 +121,10 @@ class PruningEvaluator(Evaluator):
             raise LabError(f"unknown pruning mode(s) {bad}; choose from {list(MODES)}")
         if cosine_score not in ("cosine_all", "cosine_last"):
             raise LabError(f"cosine_score must be cosine_all or cosine_last, got {cosine_score!r}")
+        if "persistence" in criteria:
+            from lab.eval.persistence import _libraries
+
+            _libraries()  # one clear error now if gudhi or dionysus is missing
         check_settings(list(operators), calibration_fraction, 0)
         if random_repeats < 1:
             raise LabError(f"random_repeats must be >= 1, got {random_repeats}")
