@@ -50,6 +50,19 @@ def test_near_ties_beyond_the_spare_candidates_are_settled_in_float64(monkeypatc
     assert np.array_equal(indices[0], _plain(X, 10)[1][0])
 
 
+def test_without_sampled_products_the_pairs_are_gathered(monkeypatch):
+    import torch
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("not in this build")
+
+    X = np.random.default_rng(6).normal(size=(300, 12))
+    expected = nearest_neighbours(X, 9)
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", missing)
+    found = nearest_neighbours(X, 9)
+    assert np.array_equal(found[1], expected[1]) and np.allclose(found[0], expected[0], rtol=1e-12)
+
+
 def test_huge_values_are_screened_in_float64():
     X = np.random.default_rng(3).normal(size=(200, 8)) * 1e20
     assert np.array_equal(nearest_neighbours(X, 15)[1], _plain(X, 15)[1])

@@ -104,11 +104,18 @@ def pair_dots(X: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     n = X.shape[0]
     starts = np.searchsorted(rows, np.arange(n + 1))
     Xt = torch.from_numpy(np.ascontiguousarray(X))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the CSR layout is marked beta
-        pattern = torch.sparse_csr_tensor(torch.from_numpy(starts), torch.from_numpy(np.ascontiguousarray(cols)),
-                                          torch.zeros(len(cols), dtype=torch.float64), size=(n, n))
-        return torch.sparse.sampled_addmm(pattern, Xt, Xt.T, beta=0.0).values().numpy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the CSR layout is marked beta
+            pattern = torch.sparse_csr_tensor(torch.from_numpy(starts), torch.from_numpy(np.ascontiguousarray(cols)),
+                                              torch.zeros(len(cols), dtype=torch.float64), size=(n, n))
+            return torch.sparse.sampled_addmm(pattern, Xt, Xt.T, beta=0.0).values().numpy()
+    except (RuntimeError, NotImplementedError):  # a torch build without it: gather in small blocks
+        out = np.empty(len(rows))
+        for start in range(0, len(rows), 4096):
+            part = slice(start, start + 4096)
+            out[part] = np.einsum("ij,ij->i", X[rows[part]], X[cols[part]])
+        return out
 
 
 def locality_order(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
