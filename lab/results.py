@@ -277,6 +277,48 @@ def density_profiles(conditions: list[str], path: Path, modality: str = "text") 
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def phase_rows(run_dir: Path) -> list[dict]:
+    """One row per finished phase of a run (phases.json): where it ended and why, its validation
+    there, and the binding at the first causal layer of that phase's checkpoint when
+    ``evaluate.py checkpoint=phase<i>_<name>`` (or, for the last phase, the run's eval/) holds it."""
+    path = run_dir / "phases.json"
+    if not path.is_file():
+        return []
+    phases = json.loads(path.read_text())
+    rows = []
+    for i, phase in enumerate(phases):
+        folder = "eval" if i == len(phases) - 1 else f"eval_phase{phase['phase']}_{phase['name']}"
+        rows.append({**phase, "binding": {split: _symbolic_share(run_dir / folder, split) for split in ("id", "ood")}})
+    return rows
+
+
+def _symbolic_share(folder: Path, split: str) -> str:
+    path = folder / "interventions.json"
+    if not path.is_file():
+        return "not run"
+    site = json.loads(path.read_text())["results"][split]["sites"]["final"]
+    first = site["first_causal_layer"]
+    if first is None:
+        return "none"
+    rates, (low, high) = site["layers"][first]["rates"], site["layers"][first]["ci"]["symbolic"]
+    return f"L{first} {rates['symbolic']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def phase_table(records: list[dict]) -> str:
+    """Markdown table, per run and phase: end step and reason, text/image ID and OOD at the phase's
+    end, and the symbolic share at the first causal layer (ID / OOD pairs, Wilson 95% CI)."""
+    head = ["regime", "seed", "phase", "steps", "ended", "text ID", "text OOD", "image ID", "image OOD",
+            "symbolic at first causal layer, ID", "... OOD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in sorted(records, key=lambda r: (r["regime"], r["seed"])):
+        for p in phase_rows(Path(r["run"])):
+            lines.append("| " + " | ".join([
+                r["regime"], str(r["seed"]), p["name"], f"{p['start']}-{p['end']}", p["reason"],
+                *(fmt(p.get(m)) for m in METRICS), p["binding"]["id"], p["binding"]["ood"]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="run directories or folders holding them")
@@ -285,6 +327,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", action="append", default=[], help="a:b, Welch's t-test of two groups: regime, or regime@encoder / regime@aids when a regime has several (repeatable)")
     parser.add_argument("--binding", action="store_true",
                         help="add the binding-mechanism table (runs evaluated with interventions, probes, knockout)")
+    parser.add_argument("--phases", action="store_true",
+                        help="add the per-phase table (phases.json, and interventions of each phase checkpoint)")
     parser.add_argument("--density", action="append", default=[], metavar="LABEL=RUN[:SPLIT]",
                         help="a line of the density-peak profile figure (repeatable; needs --density-figure)")
     parser.add_argument("--density-figure", help="write the density-peak profiles of the --density runs here (PNG)")
@@ -304,6 +348,8 @@ def main(argv=None) -> None:
         table += compare(records, a, b)
     if args.binding:
         table += "\n" + binding_table(records) + "\n" + binding_table(records, split="ood")
+    if args.phases:
+        table += "\n" + phase_table(records)
     if args.figure:
         per_count_figure(records, Path(args.figure))
     print(table)

@@ -97,3 +97,28 @@ def test_relevance_table_writes_undefined_correlations_as_na(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "layer_relevance.json").write_text(json.dumps({"results": {"text": {"id": result}}}))
     assert "| skip | cosine_all | relevance | n/a [n/a, n/a] (n/a) | n/a (n/a) | n/a (n/a) | - |" in relevance_markdown(str(tmp_path))
+
+
+def test_the_phase_table_reads_each_phase_and_its_checkpoints_binding(tmp_path):
+    from lab.results import phase_table
+
+    run = fake_run(tmp_path, "it", "image_text", 0, 0.9)
+    phases = [{"phase": 0, "name": "text", "start": 0, "end": 100, "reason": "saturated", "val/text_id_acc": 0.99,
+               "val/text_ood_acc": 0.95, "val/image_id_acc": 0.2, "val/image_ood_acc": 0.1},
+              {"phase": 1, "name": "image", "start": 100, "end": 300, "reason": "budget", "val/text_id_acc": 1.0,
+               "val/text_ood_acc": 0.97, "val/image_id_acc": 0.96, "val/image_ood_acc": 0.8}]
+    (run / "phases.json").write_text(json.dumps(phases))
+
+    def interventions(folder, first, symbolic):
+        layer = {"rates": {"symbolic": symbolic}, "ci": {"symbolic": [symbolic - 0.1, symbolic]}}
+        site = {"first_causal_layer": first, "layers": [layer] * 3}
+        folder.mkdir()
+        (folder / "interventions.json").write_text(json.dumps({"results": {s: {"sites": {"final": site}} for s in ("id", "ood")}}))
+
+    interventions(run / "eval_phase0_text", 1, 0.25)   # the text phase's checkpoint
+    interventions(run / "eval", 2, 1.0)                # the last phase: the run's own evaluation
+    table = phase_table([run_record(run)])
+    lines = [l for l in table.splitlines() if l.startswith("| image_text")]
+    assert lines[0].split(" | ")[2:6] == ["text", "0-100", "saturated", "0.990"]
+    assert lines[0].endswith("| L1 0.25 [0.15, 0.25] | L1 0.25 [0.15, 0.25] |")
+    assert lines[1].split(" | ")[2:5] == ["image", "100-300", "budget"] and "L2 1.00 [0.90, 1.00]" in lines[1]
