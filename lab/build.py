@@ -28,6 +28,7 @@ from lab.models.interface import ResidualModel
 from lab.models.lora import is_adapter_parameter
 from lab.models.visual import Projector, VisionTextModel, build_encoder, check_encoder_name
 from lab.train import encoder_pretrain
+from lab.train.encoder_pretrain import encoder_arguments  # noqa: F401 - the builder's config -> encoder arguments step
 from lab.train.module import TrainingModule
 from lab.train.objectives import step_window
 from lab.train.regime import PhaseController, match_steps, parse_regime, phase_lr_factor
@@ -144,16 +145,6 @@ def init_from_run(model, source: str | Path, task) -> int:
         raise LabError(f"init_from={source}: its weights do not fit this model (missing {missing[:4]}, "
                        f"unexpected {unexpected[:4]}); use the same model settings as that run")
     return int(checkpoint.get("global_step", 0))
-
-
-def encoder_arguments(enc: DictConfig) -> dict:
-    """The plain arguments of :func:`lab.models.visual.build_encoder` from a config's ``encoder`` node."""
-    from omegaconf import OmegaConf
-
-    model_kwargs = enc.get("model_kwargs")
-    return {"name": str(enc.name), "layer": enc.get("layer"), "input_size": int(enc.get("input_size") or 48),
-            "model_kwargs": OmegaConf.to_container(model_kwargs, resolve=True) if model_kwargs else {},
-            "pool": int(enc.get("pool") or 1)}
 
 
 def prepare_encoder(cfg: DictConfig) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # A module may import only from its own layer or the layers listed before it.
-LAYERS = ["tasks", "lab.errors", "lab.runs", "lab.data", "lab.models", "lab.train", "lab.eval", "lab.build",
+LAYERS = ["tasks", "lab.errors", "lab.overrides", "lab.runs", "lab.data", "lab.models", "lab.train", "lab.eval", "lab.build",
           "lab.results", "lab.cli"]
 ALLOWED_UP = {  # documented exceptions: the run modules sit on top of the builder
     "lab.train.run": {"lab.build"}, "lab.eval.run": {"lab.build"}, "lab.eval.standalone": {"lab.build"},

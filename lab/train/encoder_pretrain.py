@@ -106,6 +106,16 @@ def pretrain_command(cfg) -> str:
     return " ".join(["python pretrain_encoder.py", *overrides])
 
 
+def encoder_arguments(enc) -> dict:
+    """The plain arguments of :func:`lab.models.visual.build_encoder` from a config's ``encoder`` node."""
+    from omegaconf import OmegaConf
+
+    model_kwargs = enc.get("model_kwargs")
+    return {"name": str(enc.name), "layer": enc.get("layer"), "input_size": int(enc.get("input_size") or 48),
+            "model_kwargs": OmegaConf.to_container(model_kwargs, resolve=True) if model_kwargs else {},
+            "pool": int(enc.get("pool") or 1)}
+
+
 def pretrained_encoder_path(cfg, must_exist: bool = True) -> Path:
     """Where the lab-pretrained encoder of ``cfg`` is cached; refuses a missing one (naming the
     command that writes it) unless ``must_exist=False``."""
@@ -220,8 +230,6 @@ def pretrain_encoder(cfg, out_dir: str | Path | None = None) -> dict:
     renderer = make_renderer(cfg)
     torch.manual_seed(seed)
     init = str(cfg.encoder.get("pretrain_init") or "random")
-    from lab.build import encoder_arguments  # the config -> arguments step lives in the builder
-
     encoder = build_encoder(**encoder_arguments(cfg.encoder), weights=init)
     if encoder.grid is None:
         raise LabError(f"encoder {encoder.name!r} has no spatial token grid, so it cannot be pretrained per cell")
