@@ -161,8 +161,12 @@ def compare(records: list[dict], a: str, b: str) -> str:
         vb = [r[m] for r in runs_b if r[m] is not None]
         if len(va) < 2 or len(vb) < 2:
             continue
+        diff = f"{100 * (np.mean(va) - np.mean(vb)):+.1f}"
+        if np.std(va) == 0 and np.std(vb) == 0:  # Welch's t is +-inf (or nan) here: no test to report
+            lines.append(f"| {m} | {diff} | - | - (no spread over seeds) | {len(va)} / {len(vb)} |")
+            continue
         t, p = stats.ttest_ind(va, vb, equal_var=False)
-        lines.append(f"| {m} | {100 * (np.mean(va) - np.mean(vb)):+.1f} | {t:.2f} | {p:.3g} | {len(va)} / {len(vb)} |")
+        lines.append(f"| {m} | {diff} | {t:.2f} | {p:.3g} | {len(va)} / {len(vb)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -122,3 +122,13 @@ def test_the_phase_table_reads_each_phase_and_its_checkpoints_binding(tmp_path):
     assert lines[0].split(" | ")[2:6] == ["text", "0-100", "saturated", "0.990"]
     assert lines[0].endswith("| L1 0.25 [0.15, 0.25] | L1 0.25 [0.15, 0.25] |")
     assert lines[1].split(" | ")[2:5] == ["image", "100-300", "budget"] and "L2 1.00 [0.90, 1.00]" in lines[1]
+
+
+def test_groups_without_spread_get_no_t_test(tmp_path):
+    """Seeds that all score the same (a ceiling) give Welch's t = -inf and p = 0: not a finding."""
+    for seed in range(2):
+        fake_run(tmp_path, f"a{seed}", "image_text", seed, 0.996)
+        fake_run(tmp_path, f"b{seed}", "text_control", seed, 0.998)
+    records = [run_record(r) for r in find_runs([str(tmp_path)])]
+    line = next(l for l in compare(records, "image_text", "text_control").splitlines() if "text_ood" in l)
+    assert line == "| val/text_ood_acc | -0.2 | - | - (no spread over seeds) | 2 / 2 |"
