@@ -172,6 +172,7 @@ def test_image_model_is_refused_unless_its_language_model_alone_is_asked_for():
 
 
 # ------------------------------------------------------------------------------ entry point
+@pytest.mark.slow  # the fast suite stays short; `pytest --all` (CI) runs it
 def test_export_cli(noisy_export, tmp_path):
     run, _ = noisy_export
     out = tmp_path / "hf"

@@ -137,6 +137,7 @@ def test_bad_intermediate_settings_are_refused(tmp_path, override, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # the fast suite stays short; `pytest --all` (CI) runs it
 def test_intermediate_supervision_teaches_the_readout_the_shape_at_its_layer(tmp_path):
     """With the aid on, the logit lens at the supervised layer names the queried shape far
     above chance after a short run; the run records the loss in TensorBoard-visible metrics."""

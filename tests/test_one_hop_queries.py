@@ -91,6 +91,7 @@ def test_the_builder_includes_the_part_only_when_the_task_asks_one_hop_queries(c
         RetrievalTask(one_hop_queries=-1)
 
 
+@pytest.mark.slow  # the fast suite stays short; `pytest --all` (CI) runs it
 def test_one_hop_queries_teach_the_first_hop(tmp_path):
     """A short run with the queries on answers held-out ``[CTX_END] c`` queries (colour -> shape)
     far above chance; without them the same run does not."""
