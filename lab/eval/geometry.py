@@ -3,19 +3,15 @@ checked when they are built; the final-token states of every stream and split, c
 the settings before the model runs; and a progress display."""
 from __future__ import annotations
 
-import logging
 import numbers
-import sys
-import time
 from collections.abc import Iterable
 
 import numpy as np
 
 from lab.errors import LabError
+from lab.eval.progress import progress  # noqa: F401 - the geometry evaluators import it from here
 from lab.eval.base import EvalContext, final_token_states
 from lab.eval.density_peaks import batch_labels
-
-log = logging.getLogger(__name__)
 
 
 class Settings:
@@ -103,16 +99,3 @@ def collect_streams(ctx: EvalContext, settings: Settings, min_points: int, label
     return out
 
 
-def progress(items, what: str, describe=None):
-    """Yield ``items``, showing how far along they are: a bar on a terminal, log lines otherwise."""
-    items = list(items)
-    describe = describe or (lambda item: "/".join(map(str, item[0])) if isinstance(item, tuple) else str(item))
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, desc=what, leave=False)
-        return
-    start = time.perf_counter()
-    for i, item in enumerate(items):
-        log.info("%s: %s (%d/%d, %.0f s so far)", what, describe(item), i + 1, len(items), time.perf_counter() - start)
-        yield item
