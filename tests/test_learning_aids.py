@@ -284,21 +284,23 @@ def test_default_recipe_leaves_the_plateau(tmp_path):
 
 
 @pytest.mark.slow
-def test_images_alone_leave_the_plateau_with_their_recipe(tmp_path):
-    """``python train.py experiment=image_only`` (conf/recipe/fast_image.yaml, ResNet-18
-    pretrained offline first) leaves the plateau: image ID >= 0.5 within 700 steps on seed 1
-    (measured: 0.64 at step 400, 0.96 at 550; chance among the prompt's items ~0.25, and the text
-    recipe's full-weight aid holds image runs at 0.04-0.08, docs/learning.md)."""
+def test_images_alone_leave_the_plateau_under_the_free_image_recipe(tmp_path):
+    """``experiment=image_only recipe=free_binding_image`` (ResNet-18 pretrained offline first)
+    leaves the plateau: image ID >= 0.5 within 500 steps on seed 0. Measured on seeds 0, 1 and 2:
+    0.32-0.48 at step 200, 0.96 at step 250 on every seed, so the budget is twice the escape step
+    of all three (chance among the prompt's items ~0.25). The aided image recipe, fast_image, is
+    not used here: its escape moved between steps 400 and 700+ across seeds and machines."""
     from conftest import compose_cfg
 
-    cfg = compose_cfg("train", ["experiment=image_only", "seed=1", "train.max_steps=700", "train.val_every=50",
-                                "train.stop.threshold=0.5", "train.stop.patience=1", "task.eval_size=256",
-                                f"encoder.cache_dir={tmp_path / 'encoders'}", "modality.feature_cache_dir=null",
+    cfg = compose_cfg("train", ["experiment=image_only", "recipe=free_binding_image", "seed=0", "train.max_steps=500",
+                                "train.val_every=50", "train.stop.image_threshold=0.5", "train.stop.patience=1",
+                                "task.eval_size=256", f"encoder.cache_dir={tmp_path / 'encoders'}",
+                                "modality.feature_cache_dir=null", "train.track_attention=false",
                                 "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"])
-    assert cfg.task.one_hop_queries == 4 and cfg.objective.intermediate.weight == 0.3
+    assert cfg.task.one_hop_queries == 4 and cfg.objective.intermediate.weight == 0.3 and cfg.model.init == "scaled"
     metrics = train(cfg, tmp_path / "images")
     assert metrics["val/image_id_acc"] >= 0.5, metrics
-    assert metrics["step"] < 700  # stopped on the threshold, not on the budget
+    assert metrics["step"] < 500  # stopped on the threshold, not on the budget
 
 
 def test_intermediate_loss_in_embedding_space_scores_against_the_input_embeddings():
