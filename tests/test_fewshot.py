@@ -117,6 +117,7 @@ FEWSHOT_TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "mode
                 "+trainer.enable_model_summary=false"]
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_pretrain_then_lora_sft_from_it(tmp_path, tiny_run):
     """experiment=fewshot_pretrain, then experiment=fewshot_sft init_from=<it> adapter=lora: the
     fine-tuned run starts from the pretrained weights, trains only the adapters and records its origin."""

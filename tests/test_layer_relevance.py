@@ -153,6 +153,7 @@ def test_similarity_scores_known_geometry():
 
 
 # ---------------------------------------------------------------------- evaluators end to end
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_layer_relevance_and_pruning_evaluators_write_documented_outputs(small, tmp_path):
     task, model, data = small
     ctx = EvalContext(model=model, task=task, data={"text": data}, out_dir=tmp_path)

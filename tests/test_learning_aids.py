@@ -177,6 +177,7 @@ def test_train_cli_reports_divergence_in_one_line(tmp_path):
     assert len(lines) == 1 and "diverged" in lines[0]
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_resume_with_the_fast_recipe_matches_an_uninterrupted_run(tmp_path):
     """The aids hold no state of their own (the anneal weight is a function of the step), so an
     interrupted run resumed across the anneal ends bit-identical to an uninterrupted one."""

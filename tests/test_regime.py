@@ -127,6 +127,7 @@ def test_noise_only_in_the_noisy_phase(tmp_path):
     assert seen[:20] == [True] * 20 and seen[20:] == [False] * 20
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_resume_across_a_phase_boundary_matches_an_uninterrupted_run(tmp_path):
     cfg = (TWO_PHASES, "task.noise_tokens=[1,3]")
     straight, straight_losses = tmp_path / "straight", LossRecorder()

@@ -24,6 +24,7 @@ def fake_run(root, name, regime, seed, ood, aids=()):
     return run
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_groups_means_intervals_and_welch_test(tmp_path):
     a = [0.5, 0.6, 0.7]
     b = [0.2, 0.25, 0.3]

@@ -105,6 +105,7 @@ def test_longer_run_learns_to_read_the_context(tmp_path):
     assert late < 0.85 * math.log(8), late
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_same_seed_same_run(tiny_run, tmp_path):
     torch.rand(1000)  # disturb the global RNG: the run must not depend on it
     init = InitRecorder()
@@ -139,6 +140,7 @@ class InterruptAt(L.Callback):
             raise Interrupted(f"simulated crash at step {self.step}")
 
 
+@pytest.mark.slow  # end-to-end training runs: `pytest --all` (CI) runs them
 def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):
     run_dir = tmp_path / "crashed"
     first = LossRecorder()
