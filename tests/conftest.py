@@ -110,3 +110,17 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 240) -> subprocess
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def random_eval_context(out_dir: Path, eval_size: int = 64):
+    """An EvalContext over a seeded, untrained 2-block model on the retrieval task (text only):
+    for evaluator plumbing tests whose answers do not depend on training."""
+    from lab.data.datamodule import TextDataModule
+    from lab.eval.base import EvalContext
+    from lab.models.backbone import Backbone
+    from tasks.retrieval import RetrievalTask
+
+    torch.manual_seed(0)
+    task = RetrievalTask(eval_size=eval_size)
+    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
+    return EvalContext(model=model, task=task, data={"text": TextDataModule(task, eval_batch_size=64)}, out_dir=out_dir)

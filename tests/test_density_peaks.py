@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import random_eval_context, compose_cfg
 
 from lab.data.datamodule import TextDataModule
 from lab.errors import LabError
@@ -186,11 +186,7 @@ def test_the_config_builds_the_evaluator_with_its_defaults():
 
 @pytest.fixture(scope="module")
 def tiny_context(tmp_path_factory):
-    torch.manual_seed(0)
-    task = RetrievalTask(eval_size=64)
-    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
-    return EvalContext(model=model, task=task, data={"text": TextDataModule(task, eval_batch_size=64)},
-                       out_dir=tmp_path_factory.mktemp("density_peaks"))
+    return random_eval_context(tmp_path_factory.mktemp("density_peaks"))
 
 
 def test_batch_labels_of_the_retrieval_task(tiny_context):

@@ -5,25 +5,16 @@ import csv
 import json
 
 import pytest
-import torch
-from conftest import compose_cfg
+from conftest import random_eval_context, compose_cfg
 
-from lab.data.datamodule import TextDataModule
 from lab.errors import LabError
-from lab.eval.base import EvalContext
 from lab.eval.id_profile import IdProfileEvaluator
 from lab.eval.run import build_evaluators
-from lab.models.backbone import Backbone
-from tasks.retrieval import RetrievalTask
 
 
 @pytest.fixture(scope="module")
 def tiny_context(tmp_path_factory):
-    torch.manual_seed(0)
-    task = RetrievalTask(eval_size=96)
-    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
-    return EvalContext(model=model, task=task, data={"text": TextDataModule(task, eval_batch_size=64)},
-                       out_dir=tmp_path_factory.mktemp("id_profile"))
+    return random_eval_context(tmp_path_factory.mktemp("id_profile"), eval_size=96)
 
 
 def test_evaluator_end_to_end(tiny_context):

@@ -6,17 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import compose_cfg
+from conftest import random_eval_context, compose_cfg
 
-from lab.data.datamodule import TextDataModule
 from lab.errors import LabError
-from lab.eval.base import EvalContext
 from lab.eval.neighbours import nearest_neighbours
 from lab.eval.overlap import OverlapEvaluator, data_overlap, label_overlap, overlap_matrix
 from lab.eval.run import build_evaluators
-from lab.models.backbone import Backbone
-from tasks.retrieval import RetrievalTask
 
 
 def test_data_overlap_counts_shared_neighbours():
@@ -46,11 +41,7 @@ def test_label_overlap_weights_classes_equally():
 
 @pytest.fixture(scope="module")
 def tiny_context(tmp_path_factory):
-    torch.manual_seed(0)
-    task = RetrievalTask(eval_size=64)
-    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
-    return EvalContext(model=model, task=task, data={"text": TextDataModule(task, eval_batch_size=64)},
-                       out_dir=tmp_path_factory.mktemp("overlap"))
+    return random_eval_context(tmp_path_factory.mktemp("overlap"))
 
 
 def test_evaluator_end_to_end(tiny_context):

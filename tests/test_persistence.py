@@ -8,14 +8,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
+
+from conftest import random_eval_context
 
 pytest.importorskip("gudhi")
 pytest.importorskip("dionysus")
 
 from lab.data.datamodule import TextDataModule  # noqa: E402
 from lab.errors import LabError  # noqa: E402
-from lab.eval.base import EvalContext  # noqa: E402
 from lab.eval.persistence import PersistenceEvaluator, flag_complex, layer_persistence, persistence_summary  # noqa: E402
 from lab.models.backbone import Backbone  # noqa: E402
 from tasks.retrieval import RetrievalTask  # noqa: E402
@@ -80,11 +80,7 @@ def test_summary_of_hand_made_bars():
 
 @pytest.fixture(scope="module")
 def tiny_context(tmp_path_factory):
-    torch.manual_seed(0)
-    task = RetrievalTask(eval_size=64)
-    model = Backbone(len(task.vocab), n_layers=2, d_model=32, n_heads=2, d_ff=64)
-    return EvalContext(model=model, task=task, data={"text": TextDataModule(task, eval_batch_size=64)},
-                       out_dir=tmp_path_factory.mktemp("persistence"))
+    return random_eval_context(tmp_path_factory.mktemp("persistence"))
 
 
 def test_evaluator_end_to_end(tiny_context):
